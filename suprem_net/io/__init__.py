@@ -1,0 +1,1 @@
+"""Reading and writing images, dataset folders and JSON, always atomically."""

@@ -1,0 +1,52 @@
+"""Where datasets, preprocessed data and results live.
+
+Each location comes from a CLI flag, else an environment variable (``SUPREM_raw``,
+``SUPREM_preprocessed``, ``SUPREM_results``), else the documented default
+``./suprem_data/{raw,preprocessed,results}`` under the current directory.
+Nothing is read at import time.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from suprem_net.errors import SupremError
+
+_DEFAULT_ROOT = "suprem_data"
+_KINDS = ("raw", "preprocessed", "results")
+
+
+def location(kind: str, override: str | os.PathLike | None = None) -> Path:
+    """Return the folder for ``kind`` (raw, preprocessed or results)."""
+    if kind not in _KINDS:
+        raise ValueError(kind)
+    if override:
+        return Path(override)
+    env = os.environ.get(f"SUPREM_{kind}")
+    if env:
+        return Path(env)
+    return Path.cwd() / _DEFAULT_ROOT / kind
+
+
+def resolve_dataset_name(dataset: str, raw_root: Path, preprocessed_root: Path | None = None) -> str:
+    """Turn ``-d 3``, ``-d 003`` or ``-d Dataset003_Liver`` into the full folder name."""
+    dataset = str(dataset).strip()
+    if re.fullmatch(r"Dataset\d{3}_.+", dataset):
+        return dataset
+    if not re.fullmatch(r"\d{1,3}", dataset):
+        raise SupremError(f"dataset {dataset!r}: give a number (e.g. 3) or a full name (e.g. Dataset003_Liver)")
+    prefix = f"Dataset{int(dataset):03d}_"
+    candidates: set[str] = set()
+    for root in (raw_root, preprocessed_root):
+        if root is not None and root.is_dir():
+            candidates.update(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix))
+    if not candidates:
+        searched = ", ".join(str(r) for r in (raw_root, preprocessed_root) if r is not None)
+        raise SupremError(
+            f"dataset {dataset}: no folder {prefix}* in {searched} "
+            "(set SUPREM_raw / SUPREM_preprocessed or pass --raw / --preprocessed)"
+        )
+    if len(candidates) > 1:
+        raise SupremError(f"dataset {dataset}: several folders match: {', '.join(sorted(candidates))}")
+    return candidates.pop()

@@ -1,0 +1,1 @@
+"""suprem_net.preprocessing"""
