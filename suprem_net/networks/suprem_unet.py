@@ -1,0 +1,171 @@
+"""SuPreM's U-Net (``suprem_unet``): the Models Genesis style UNet3D, key-compatible with the
+SuPreM / CLIP-Universal-Model / Models Genesis checkpoints.
+
+Architecture (re-implemented from the published description, not copied):
+
+* ``LUConv`` = Conv3d(k=3, p=1, bias) -> batch norm -> activation; keys ``conv1.*``, ``bn1.*``.
+* encoder ``down_tr64`` (1->32->64, pool), ``down_tr128`` (64->64->128, pool),
+  ``down_tr256`` (128->128->256, pool), ``down_tr512`` (256->256->512, no pool): bottleneck at 1/8.
+* decoder ``up_tr256`` / ``up_tr128`` / ``up_tr64``: ConvTranspose3d(k=2, s=2) (``up_conv``),
+  concatenation ``[upsampled, skip]``, two LUConv (``ops.0``, ``ops.1``).
+* head ``out_tr.final_conv`` = Conv3d(64, num_classes, k=1), raw logits.
+
+19,073,600 parameters without the head, 19,075,225 with 25 classes. Every patch edge must be
+divisible by 8. There is no deep supervision (the flag is ignored).
+
+Plan kwargs (all optional; ``{}`` gives the published network):
+
+* ``act`` (``"relu"``): ``"relu"``, ``"elu"`` or ``"prelu"`` (PReLU adds ``activation.weight``
+  keys that the SuPreM files do not have).
+* ``batch_stats_always`` (``True``): SuPreM's ``ContBatchNorm3d`` normalises with the statistics
+  of the current batch *also in eval mode* (running statistics are updated but never used).
+  ``True`` reproduces SuPreM: a tile's prediction then depends on the other tiles in the batch,
+  so tiles must be predicted one at a time (sliding-window batch size 1), and training needs a
+  batch of more than one voxel per channel. ``False`` gives an ordinary ``BatchNorm3d`` that uses
+  the running statistics in eval mode (the pretrained running statistics are loaded too, but
+  they were accumulated under SuPreM's behaviour; expect a small shift at first).
+
+``in_channels`` other than 1 is allowed (SuPreM is hard-wired to 1); the first convolution
+``down_tr64.ops.0.conv1.weight`` then has another shape and cannot take pretrained weights
+(the loader reports it as a shape mismatch and leaves it randomly initialised).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from suprem_net.errors import SupremError
+
+logger = logging.getLogger(__name__)
+
+DIVISOR = 8
+HEAD_KEY = "out_tr.final_conv"
+INPUT_KEYS = ("down_tr64.ops.0.conv1.weight",)  # its shape depends on in_channels
+
+DEFAULT_KWARGS: dict = {"act": "relu", "batch_stats_always": True}
+
+# (in, mid, out) channels of the two LUConv of each encoder stage; the decoder in/out channels.
+_ENCODER = {"down_tr64": (None, 32, 64), "down_tr128": (64, 64, 128),
+            "down_tr256": (128, 128, 256), "down_tr512": (256, 256, 512)}
+_DECODER = {"up_tr256": (512, 256, 256), "up_tr128": (256, 128, 128), "up_tr64": (128, 64, 64)}
+#            name: (channels coming up, skip channels, out channels)
+
+
+class ContBatchNorm3d(nn.BatchNorm3d):
+    """BatchNorm3d that, when ``batch_stats_always``, always normalises with batch statistics.
+
+    Same parameters and buffers (``weight``, ``bias``, ``running_mean``, ``running_var``,
+    ``num_batches_tracked``) as ``nn.BatchNorm3d``, so the state-dict keys match SuPreM's. As in
+    SuPreM, the running statistics are updated on every call (also in eval mode) but never used.
+    """
+
+    def __init__(self, num_features: int, batch_stats_always: bool = True) -> None:
+        super().__init__(num_features)
+        self.batch_stats_always = batch_stats_always
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.batch_stats_always:
+            return super().forward(x)
+        if x.dim() != 5:
+            raise ValueError(f"expected a 5D input, got {x.dim()}D")
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            True, self.momentum, self.eps)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", batch_stats_always={self.batch_stats_always}"
+
+
+def _activation(act: str, channels: int) -> nn.Module:
+    if act == "relu":
+        return nn.ReLU(inplace=True)
+    if act == "elu":
+        return nn.ELU(inplace=True)
+    if act == "prelu":
+        return nn.PReLU(channels)
+    raise SupremError(f"suprem_unet: unknown act {act!r}; choose relu, elu or prelu")
+
+
+class LUConv(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, act: str, batch_stats_always: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv3d(in_ch, out_ch, kernel_size=3, padding=1)
+        self.bn1 = ContBatchNorm3d(out_ch, batch_stats_always)
+        self.activation = _activation(act, out_ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.bn1(self.conv1(x)))
+
+
+class DownTransition(nn.Module):
+    """Two LUConv, then (except at the bottleneck) a 2x max-pool. Returns ``(out, skip)``."""
+
+    def __init__(self, in_ch: int, mid_ch: int, out_ch: int, pool: bool, act: str, bsa: bool) -> None:
+        super().__init__()
+        self.ops = nn.Sequential(LUConv(in_ch, mid_ch, act, bsa), LUConv(mid_ch, out_ch, act, bsa))
+        self.maxpool = nn.MaxPool3d(2) if pool else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        skip = self.ops(x)
+        return (self.maxpool(skip) if self.maxpool is not None else skip), skip
+
+
+class UpTransition(nn.Module):
+    def __init__(self, up_ch: int, skip_ch: int, out_ch: int, act: str, bsa: bool) -> None:
+        super().__init__()
+        self.up_conv = nn.ConvTranspose3d(up_ch, up_ch, kernel_size=2, stride=2)
+        self.ops = nn.Sequential(LUConv(up_ch + skip_ch, out_ch, act, bsa), LUConv(out_ch, out_ch, act, bsa))
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.ops(torch.cat((self.up_conv(x), skip), dim=1))
+
+
+class OutputTransition(nn.Module):
+    def __init__(self, in_ch: int, num_classes: int) -> None:
+        super().__init__()
+        self.final_conv = nn.Conv3d(in_ch, num_classes, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.final_conv(x)
+
+
+class SupremUNet3D(nn.Module):
+    """SuPreM's UNet3D with a plain 1x1x1 conv head (``out_tr.final_conv``)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 25, act: str = "relu",
+                 batch_stats_always: bool = True) -> None:
+        super().__init__()
+        self.batch_stats_always = batch_stats_always
+        for name, (cin, mid, cout) in _ENCODER.items():
+            setattr(self, name, DownTransition(in_channels if cin is None else cin, mid, cout,
+                                               pool=name != "down_tr512", act=act, bsa=batch_stats_always))
+        for name, (up, skip, cout) in _DECODER.items():
+            setattr(self, name, UpTransition(up, skip, cout, act, batch_stats_always))
+        self.out_tr = OutputTransition(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, skip64 = self.down_tr64(x)
+        x, skip128 = self.down_tr128(x)
+        x, skip256 = self.down_tr256(x)
+        x, _ = self.down_tr512(x)
+        x = self.up_tr256(x, skip256)
+        x = self.up_tr128(x, skip128)
+        x = self.up_tr64(x, skip64)
+        return self.out_tr(x)
+
+
+def build(family: str, kwargs: dict, in_channels: int, num_classes: int, deep_supervision: bool) -> nn.Module:
+    """Build SuPreM's UNet3D; ``deep_supervision`` is ignored (the network has none)."""
+    unknown = set(kwargs) - set(DEFAULT_KWARGS)
+    if unknown:
+        raise SupremError(f"suprem_unet: unknown network kwargs {sorted(unknown)}; allowed: {sorted(DEFAULT_KWARGS)}")
+    opts = {**DEFAULT_KWARGS, **kwargs}
+    if deep_supervision:
+        logger.debug("suprem_unet has no deep supervision; the flag is ignored")
+    if in_channels != 1:
+        logger.info("suprem_unet with %d input channels: the first convolution cannot take pretrained weights",
+                    in_channels)
+    return SupremUNet3D(in_channels, num_classes, act=str(opts["act"]),
+                        batch_stats_always=bool(opts["batch_stats_always"]))
