@@ -1,0 +1,197 @@
+"""From a fingerprint to a plan: spacing, normalisation, patch, batch, network, memory.
+
+The patch and batch are chosen so that one training step fits the memory budget, measured
+from the network itself (:mod:`suprem_net.planning.memory`). For a CPU target the step must
+also fit a compute budget (``cpu_seconds_per_iteration`` at ``cpu_gflops``), so that a
+laptop makes visible progress in minutes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from suprem_net.errors import SupremError
+from suprem_net.networks import family_module
+from suprem_net.planning.memory import measure_step
+from suprem_net.planning.presets import load_preset
+from suprem_net.planning.topology import nnunet_kwargs, pool_and_conv_props
+
+log = logging.getLogger(__name__)
+
+ANISOTROPY_THRESHOLD = 3.0
+GPU_INITIAL_VOLUME = 256 ** 3
+CPU_INITIAL_VOLUME = 128 ** 3
+MAX_DATASET_COVERED = 0.05
+SUPREM_DEFAULT_KWARGS = {"suprem_unet": {}, "swinunetr": {"feature_size": 48, "legacy_patch_merging": True},
+                         "segresnet": {"init_filters": 16, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1]}}
+
+
+def target_spacing(fp: dict) -> list[float]:
+    """Median spacing, with nnU-Net's rule for one much coarser axis (10th percentile)."""
+    spacings = np.array([c["spacing"] for c in fp["cases"]], dtype=float)
+    sizes = np.array([c["shape_after_crop"] for c in fp["cases"]], dtype=float)
+    target = np.median(spacings, axis=0)
+    median_size = np.median(sizes, axis=0)
+    worst = int(np.argmax(target))
+    others = [i for i in range(3) if i != worst]
+    if target[worst] > ANISOTROPY_THRESHOLD * max(target[others]) and \
+            median_size[worst] * ANISOTROPY_THRESHOLD < min(median_size[others]):
+        target[worst] = max(np.percentile(spacings[:, worst], 10), max(target[others]) + 1e-5)
+    return [float(t) for t in target]
+
+
+def median_resampled_shape(fp: dict, spacing) -> list[int]:
+    shapes = [np.array(c["shape_after_crop"]) * np.array(c["spacing"]) / np.array(spacing) for c in fp["cases"]]
+    return [int(round(v)) for v in np.median(shapes, axis=0)]
+
+
+def normalization(ds_spec: dict, fp: dict, preset: dict | None) -> list[dict]:
+    out = []
+    for c, name in sorted(ds_spec["channel_names"].items(), key=lambda kv: int(kv[0])):
+        props = fp["foreground_intensity_properties_per_channel"][c]
+        if name.lower() == "ct" and preset is not None:
+            out.append(dict(preset["normalization"]))
+        elif name.lower() == "ct":
+            out.append({"scheme": "ct", "clip": [props["percentile_00_5"], props["percentile_99_5"]],
+                        "mean": props["mean"], "std": props["std"]})
+        else:
+            out.append({"scheme": "zscore"})
+    return out
+
+
+def default_memory_budget(device: str, gpu_memory_gb: float | None) -> int:
+    if device == "cuda":
+        return int((gpu_memory_gb or 8.0) * 0.9 * 1024 ** 3)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(min(total * 0.5, 16 * 1024 ** 3))
+
+
+def _training_defaults(family: str, preset: dict | None, device: str) -> dict:
+    common = {"oversample_foreground": 0.33, "grad_clip": 12.0, "num_val_iterations": 20}
+    if device == "cpu":
+        common.update({"epochs": 100, "iterations_per_epoch": 50})
+    else:
+        common.update({"epochs": 1000, "iterations_per_epoch": 250})
+    if preset is not None:
+        return {**common, **preset["training"]}
+    if family == "swinunetr":
+        return {**common, "optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-5, "schedule": "warmup_cosine",
+                "warmup_epochs": max(1, common["epochs"] // 50)}
+    return {**common, "optimizer": "sgd", "lr": 1e-2, "momentum": 0.99, "nesterov": True,
+            "weight_decay": 3e-5, "schedule": "poly", "poly_exponent": 0.9}
+
+
+def _fits(m: dict, budget: dict) -> float:
+    """Factor (<= 1 means it fits) by which the step exceeds its budgets."""
+    f = m["predicted_peak_bytes"] / budget["memory_bytes"]
+    if budget.get("flops") is not None:
+        f = max(f, m["flops_per_iteration"] / budget["flops"])
+    return f
+
+
+def _plan_nnunet_patch(family, spacing, median_shape, in_ch, n_cls, budget, initial_volume, dtype, slots):
+    aspect = 1.0 / np.asarray(spacing)
+    patch = aspect * (initial_volume / np.prod(aspect)) ** (1 / 3)
+    patch = np.minimum(np.round(patch), median_shape).astype(int)
+    for _ in range(40):
+        kw, padded = nnunet_kwargs(family, spacing, patch)
+        network = {"family": family, "kwargs": kw, "deep_supervision": True}
+        m = measure_step(network, in_ch, n_cls, padded, 2, dtype, slots)
+        excess = _fits(m, budget)
+        if excess <= 1.0:
+            return network, padded, m
+        div = np.asarray(pool_and_conv_props(spacing, padded)[3])
+        patch = np.asarray(padded).copy()
+        if excess > 1.15:  # far off: rescale the whole patch, keeping its aspect, down to the divisors
+            patch = np.maximum(div, np.floor(patch / excess ** (1 / 3) / div) * div).astype(int)
+        else:  # close: shrink the axis that covers most of the median image by its divisor
+            axis = int(np.argmax(patch / np.asarray(median_shape)))
+            patch[axis] = max(div[axis], patch[axis] - div[axis])
+    raise SupremError("could not find a patch size that fits the budget; raise --gpu-memory-gb or "
+                      "--cpu-seconds-per-iteration")
+
+
+def _plan_fixed_patch(family, kwargs, base_patch, median_shape, in_ch, n_cls, budget, dtype, slots):
+    div = family_module(family).DIVISOR
+    minimum = 2 * div if family == "swinunetr" else max(div, 16) * 2
+    patch = np.array(base_patch, dtype=int)
+    network = {"family": family, "kwargs": kwargs, "deep_supervision": False}
+    while True:
+        m = measure_step(network, in_ch, n_cls, patch.tolist(), 2, dtype, slots)
+        if _fits(m, budget) <= 1.0:
+            return network, patch.tolist(), m
+        if patch.max() - div < minimum:
+            raise SupremError(f"even a {minimum}^3 patch of {family} does not fit the budget; "
+                              "raise --gpu-memory-gb or --cpu-seconds-per-iteration")
+        axis = int(np.argmax(patch))
+        patch[axis] -= div
+
+
+def make_plan(ds_spec: dict, fp: dict, *, plans_name: str, network: str | None = None, preset: str | None = None,
+              device: str = "cpu", gpu_memory_gb: float | None = None, cpu_seconds_per_iteration: float = 3.0,
+              cpu_gflops: float = 150.0) -> dict:
+    """Build the plans dict (see docs/plans.md)."""
+    pre = load_preset(preset) if preset else None
+    family = network or (pre["network"]["family"] if pre else "nnunet")
+    family_module(family)  # unknown family -> clear error
+    if pre and family != pre["network"]["family"]:
+        raise SupremError(f"--network {family} does not match preset {preset} ({pre['network']['family']})")
+    spacing = list(pre["target_spacing"]) if pre else target_spacing(fp)
+    median_shape = median_resampled_shape(fp, spacing)
+    in_ch = len(ds_spec["channel_names"])
+    n_cls = max(ds_spec["labels"].values()) + 1
+    budget = {"memory_bytes": default_memory_budget(device, gpu_memory_gb)}
+    if device == "cpu":
+        budget["flops"] = cpu_seconds_per_iteration * cpu_gflops * 1e9
+    training = _training_defaults(family, pre, device)
+    slots = 2 if training["optimizer"] == "adamw" else 1
+    dtype = "float32" if device == "cpu" else "bfloat16"
+    if family in ("nnunet", "resenc"):
+        initial = GPU_INITIAL_VOLUME if device == "cuda" else CPU_INITIAL_VOLUME
+        net, patch, m = _plan_nnunet_patch(family, spacing, median_shape, in_ch, n_cls, budget, initial, dtype, slots)
+    else:
+        kwargs = dict(pre["network"]["kwargs"]) if pre else dict(SUPREM_DEFAULT_KWARGS[family])
+        base = pre["patch_size"] if pre else [96, 96, 96]
+        net, patch, m = _plan_fixed_patch(family, kwargs, base, median_shape, in_ch, n_cls, budget, dtype, slots)
+    batch = 2
+    if device == "cuda" and not (family == "suprem_unet"):
+        cap = max(2, int(MAX_DATASET_COVERED * np.prod(median_shape) * fp["num_cases"] / np.prod(patch)))
+        while batch < cap:
+            m_next = measure_step(net, in_ch, n_cls, patch, batch + 1, dtype, slots)
+            if _fits(m_next, budget) > 1.0:
+                break
+            batch, m = batch + 1, m_next
+    return {
+        "plans_name": plans_name,
+        "dataset_name": fp["dataset"],
+        "preset": preset,
+        "pretrained": pre.get("pretrained") if pre else None,
+        "labels": ds_spec["labels"],
+        "channel_names": ds_spec["channel_names"],
+        "file_ending": ds_spec["file_ending"],
+        "num_classes": n_cls,
+        "data_identifier": plans_name,
+        "orientation": pre["orientation"] if pre else None,
+        "target_spacing": spacing,
+        "median_shape": median_shape,
+        "normalization": normalization(ds_spec, fp, pre),
+        "resampling": {"image": "cubic", "labels": "linear_argmax", "anisotropy_threshold": ANISOTROPY_THRESHOLD},
+        "storage": {"dtype": "float16", "codec": "ZSTD", "clevel": 3},
+        "patch_size": [int(p) for p in patch],
+        "batch_size": int(batch),
+        "network": net,
+        "device": device,
+        "memory": {"budget_bytes": budget["memory_bytes"], "compute_dtype": dtype,
+                   "flops_budget": budget.get("flops"), **m},
+        "training": training,
+    }
+
+
+def summary(plan: dict) -> str:
+    mem = plan["memory"]
+    return (f"plan {plan['plans_name']}: {plan['network']['family']} on {plan['device']}, spacing "
+            f"{[round(s, 3) for s in plan['target_spacing']]}, patch {plan['patch_size']}, batch {plan['batch_size']}, "
+            f"{mem['parameters'] / 1e6:.2f}M parameters, predicted peak {mem['predicted_peak_bytes'] / 2 ** 30:.2f} GiB, "
+            f"{mem['flops_per_iteration'] / 1e9:.0f} GFLOP per iteration")

@@ -1,0 +1,78 @@
+"""Dataset integrity checks. Every problem is one line naming the file.
+
+The cheap checks (headers only) always run before anything is written: dataset.json,
+case ids, missing labels, numTraining, 3D, geometry of image vs label. The voxel checks
+(NaN/Inf, label values in dataset.json, integer labels) run while the fingerprint reads
+the voxels anyway (see :func:`voxel_problems`), so they cost nothing extra.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from suprem_net.errors import InputError, SupremError
+from suprem_net.io.dataset import SAFE_CASE_ID, RawDataset
+from suprem_net.io.image import read_header
+
+
+class IntegrityError(SupremError):
+    """Several problems, one line each; ``str()`` joins them with newlines."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def header_problems(ds: RawDataset) -> list[str]:
+    problems: list[str] = []
+    try:
+        cases = ds.training_cases()
+    except InputError as e:
+        return [str(e)]
+    if not cases:
+        return [f"{ds.root / 'imagesTr'}: no training images named CASE_0000{ds.file_ending}"]
+    if len(cases) != ds.spec["numTraining"]:
+        problems.append(f"{ds.root / 'dataset.json'}: numTraining is {ds.spec['numTraining']} "
+                        f"but imagesTr holds {len(cases)} cases")
+    label_dir = ds.root / "labelsTr"
+    if label_dir.is_dir():
+        known = {c.case_id for c in cases}
+        for p in sorted(label_dir.iterdir()):
+            if p.name.endswith(ds.file_ending) and p.name[: -len(ds.file_ending)] not in known:
+                problems.append(f"{p}: label without an image in imagesTr")
+    for case in cases:
+        if not SAFE_CASE_ID.fullmatch(case.case_id) or ".." in case.case_id:
+            problems.append(f"{case.images[0]}: case id {case.case_id!r} is not a safe file name")
+            continue
+        try:
+            ref, _ = read_header(case.images[0])
+            for other in case.images[1:]:
+                geo, _ = read_header(other)
+                diff = ref.mismatch(geo)
+                if diff:
+                    problems.append(f"{other}: geometry differs from {case.images[0].name}: {diff}")
+            if not case.label.is_file():
+                problems.append(f"{case.label}: label file missing for case {case.case_id}")
+                continue
+            geo, _ = read_header(case.label)
+            diff = ref.mismatch(geo)
+            if diff:
+                problems.append(f"{case.label}: geometry differs from its image: {diff}")
+        except InputError as e:
+            problems.append(str(e))
+    return problems
+
+
+def voxel_problems(case_id: str, image_paths, images: list[np.ndarray], label_path,
+                   label: np.ndarray, allowed_labels: set[int]) -> list[str]:
+    problems = []
+    for p, im in zip(image_paths, images):
+        if not np.isfinite(im).all():
+            problems.append(f"{p}: image contains NaN or Inf values")
+    if np.issubdtype(label.dtype, np.floating) and not np.array_equal(label, np.round(label)):
+        problems.append(f"{label_path}: label has non-integer values")
+        return problems
+    values = set(np.unique(label).astype(int).tolist())
+    unknown = sorted(values - allowed_labels)
+    if unknown:
+        problems.append(f"{label_path}: label values {unknown} are not in dataset.json labels")
+    return problems
