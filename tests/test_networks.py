@@ -1,0 +1,144 @@
+"""The three SuPreM backbone families: exact architectures (parameter counts, key names), the
+legacy Swin patch merging and the batch-statistics BatchNorm of the U-Net."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from suprem_net.errors import SupremError
+from suprem_net.networks import build_network, family_module
+from suprem_net.networks.swinunetr import SwinPatchMerging
+from suprem_net.networks.suprem_unet import ContBatchNorm3d
+
+
+def n_params(model: nn.Module, skip_prefix: str | None = None) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if not (skip_prefix and n.startswith(skip_prefix)))
+
+
+@pytest.fixture(scope="module")
+def swin() -> nn.Module:
+    torch.manual_seed(0)
+    return build_network({"family": "swinunetr", "kwargs": {}}, 1, 25)
+
+
+@pytest.fixture(scope="module")
+def unet() -> nn.Module:
+    torch.manual_seed(0)
+    return build_network({"family": "suprem_unet", "kwargs": {}}, 1, 25)
+
+
+def test_divisors():
+    assert family_module("suprem_unet").DIVISOR == 8
+    assert family_module("swinunetr").DIVISOR == 32
+    assert family_module("segresnet").DIVISOR == 8
+
+
+def test_unet_architecture(unet):
+    assert n_params(unet) == 19_075_225
+    assert n_params(unet, "out_tr.") == 19_073_600
+    sd = unet.state_dict()
+    assert len(sd) == 106
+    assert sd["down_tr64.ops.0.conv1.weight"].shape == (32, 1, 3, 3, 3)
+    assert sd["up_tr256.up_conv.weight"].shape == (512, 512, 2, 2, 2)
+    assert sd["up_tr256.ops.0.conv1.weight"].shape == (256, 768, 3, 3, 3)
+    assert sd["up_tr64.ops.0.conv1.weight"].shape == (64, 192, 3, 3, 3)
+    assert sd["out_tr.final_conv.weight"].shape == (25, 64, 1, 1, 1)
+    for buf in ("running_mean", "running_var", "num_batches_tracked"):
+        assert f"down_tr512.ops.1.bn1.{buf}" in sd
+    unet.eval()
+    with torch.no_grad():
+        assert unet(torch.randn(1, 1, 32, 32, 32)).shape == (1, 25, 32, 32, 32)
+
+
+def test_unet_options():
+    m = build_network({"family": "suprem_unet", "kwargs": {"batch_stats_always": False}}, 2, 3, )
+    assert m.down_tr64.ops[0].conv1.weight.shape == (32, 2, 3, 3, 3)
+    assert all(not bn.batch_stats_always for bn in m.modules() if isinstance(bn, ContBatchNorm3d))
+    with pytest.raises(SupremError, match="unknown network kwargs"):
+        build_network({"family": "suprem_unet", "kwargs": {"n_class": 3}}, 1, 3)
+    # deep supervision is accepted and ignored
+    build_network({"family": "suprem_unet", "deep_supervision": True}, 1, 2)
+
+
+def test_cont_batchnorm_uses_batch_statistics_in_eval():
+    torch.manual_seed(0)
+    a, b = torch.randn(1, 4, 4, 4, 4), 5 + 3 * torch.randn(1, 4, 4, 4, 4)
+    faithful = ContBatchNorm3d(4, batch_stats_always=True).eval()
+    alone = faithful(a)
+    batched = faithful(torch.cat([a, b]))[:1]
+    assert not torch.allclose(alone, batched, atol=1e-3)  # depends on the batch partner
+    assert torch.allclose(alone.mean(), torch.tensor(0.0), atol=1e-5)  # normalised by its own stats
+    plain = ContBatchNorm3d(4, batch_stats_always=False).eval()
+    assert torch.allclose(plain(a), plain(torch.cat([a, b]))[:1])
+    ref = nn.BatchNorm3d(4).eval()
+    assert torch.allclose(plain(a), ref(a))
+
+
+def test_swinunetr_architecture(swin):
+    assert n_params(swin) == 62_187_835
+    assert n_params(swin, "out.") == 62_186_610
+    sd = swin.state_dict()
+    assert len(sd) == 159
+    assert len([k for k in sd if k.startswith("swinViT.")]) == 126
+    assert sd["swinViT.patch_embed.proj.weight"].shape == (48, 1, 2, 2, 2)
+    assert sd["swinViT.layers1.0.blocks.0.attn.relative_position_bias_table"].shape == (2197, 3)
+    assert sd["swinViT.layers1.0.downsample.reduction.weight"].shape == (96, 384)
+    assert sd["decoder5.transp_conv.conv.weight"].shape == (768, 384, 2, 2, 2)
+    assert sd["decoder1.conv_block.conv1.conv.weight"].shape == (48, 96, 3, 3, 3)
+    assert sd["out.conv.conv.weight"].shape == (25, 48, 1, 1, 1)
+    merges = [m for m in swin.modules() if isinstance(m, SwinPatchMerging)]
+    assert len(merges) == 4 and all(m.legacy for m in merges)
+    swin.eval()
+    with torch.no_grad():
+        assert swin(torch.randn(1, 1, 64, 64, 64)).shape == (1, 25, 64, 64, 64)
+
+
+def test_swinunetr_options():
+    m = build_network({"family": "swinunetr", "kwargs": {"legacy_patch_merging": False, "feature_size": 12}}, 1, 2)
+    merges = [x for x in m.modules() if isinstance(x, SwinPatchMerging)]
+    assert len(merges) == 4 and not any(x.legacy for x in merges)
+    with pytest.raises(SupremError, match="unknown network kwargs"):
+        build_network({"family": "swinunetr", "kwargs": {"img_size": 96}}, 1, 2)
+
+
+def _reference_merge(x: torch.Tensor, flat_order: list[int]) -> torch.Tensor:
+    """Independent reference: view each 2x2x2 cell as 8 sub-voxels numbered d*4 + h*2 + w."""
+    b, d, h, w, c = x.shape
+    cells = x.reshape(b, d // 2, 2, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 5, 2, 4, 6, 7)
+    cells = cells.reshape(b, d // 2, h // 2, w // 2, 8, c)
+    return torch.cat([cells[..., i, :] for i in flat_order], dim=-1)
+
+
+def test_patch_merging_orders():
+    x = torch.randn(2, 4, 6, 8, 3)
+    legacy = SwinPatchMerging(nn.Identity(), nn.Identity(), legacy=True)
+    new = SwinPatchMerging(nn.Identity(), nn.Identity(), legacy=False)
+    # pre-MONAI-1.5 order, duplicates included: 000 100 010 001 101 010 001 111
+    assert torch.equal(legacy(x), _reference_merge(x, [0, 4, 2, 1, 5, 2, 1, 7]))
+    # MONAI >= 1.5 order: 000 100 010 001 110 101 011 111
+    assert torch.equal(new(x), _reference_merge(x, [0, 4, 2, 1, 6, 5, 3, 7]))
+    assert not torch.equal(legacy(x), new(x))
+
+
+def test_patch_merging_matches_installed_monai_when_not_legacy():
+    import monai
+    from monai.networks.nets.swin_unetr import PatchMerging
+
+    major, minor = (int(v) for v in monai.__version__.split(".")[:2])
+    ref = PatchMerging(dim=3, spatial_dims=3)
+    ours = SwinPatchMerging(ref.norm, ref.reduction, legacy=(major, minor) < (1, 5))
+    x = torch.randn(1, 4, 4, 4, 3)
+    assert torch.equal(ours(x), ref(x))
+
+
+def test_segresnet_architecture():
+    m = build_network({"family": "segresnet", "kwargs": {}}, 1, 25)
+    assert n_params(m) == 4_701_305
+    sd = m.state_dict()
+    assert len(sd) == 83
+    assert sd["convInit.conv.weight"].shape == (16, 1, 3, 3, 3)
+    assert sd["conv_final.2.conv.weight"].shape == (25, 16, 1, 1, 1)
+    m.eval()
+    with torch.no_grad():
+        assert m(torch.randn(1, 1, 32, 32, 32)).shape == (1, 25, 32, 32, 32)
