@@ -1,0 +1,109 @@
+"""Convert the AbdomenAtlas layout into an nnU-Net v2 raw dataset.
+
+Input: ``ROOT/BDMAP_xxxxxxxx/ct.nii.gz`` + ``ROOT/BDMAP_xxxxxxxx/segmentations/<class>.nii.gz``
+(one binary mask per class; masks may overlap). Output: ``DatasetNNN_Name/`` with the CT
+copied byte for byte to ``imagesTr/CASE_0000.nii.gz`` and one label map per case.
+
+Overlap rule: a voxel claimed by several masks gets the class whose mask is the smallest
+in that case, so thin or nested structures (vessels in organs, tumours in organs) survive
+instead of being painted over by the organ that contains them. Classes are numbered in
+the AbdomenAtlas 1.1 order; names not in it follow alphabetically. Cases that lack some
+mask files are listed in ``dataset.json["partial_labels"]`` (class names missing per case).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from suprem_net.errors import InputError, SupremError
+from suprem_net.fingerprint import _map
+from suprem_net.io.atomic import atomic_path, write_json
+from suprem_net.io.image import read_header, read_image, write_image
+
+ATLAS_CLASSES = [
+    "aorta", "gall_bladder", "kidney_left", "kidney_right", "liver", "pancreas", "postcava", "spleen", "stomach",
+    "adrenal_gland_left", "adrenal_gland_right", "bladder", "celiac_trunk", "colon", "duodenum", "esophagus",
+    "femur_left", "femur_right", "hepatic_vessel", "intestine", "lung_left", "lung_right",
+    "portal_vein_and_splenic_vein", "prostate", "rectum",
+]
+
+
+def _mask_name(p: Path) -> str:
+    return p.name[: -len(".nii.gz")] if p.name.endswith(".nii.gz") else p.stem
+
+
+def scan(root: Path) -> tuple[list[Path], list[str]]:
+    """Case folders and the ordered class names found under ``root``."""
+    if not root.is_dir():
+        raise InputError(root, "folder not found")
+    cases = sorted(p for p in root.iterdir() if p.is_dir() and (p / "ct.nii.gz").is_file())
+    if not cases:
+        raise InputError(root, "no case folders with ct.nii.gz found (expected ROOT/CASE/ct.nii.gz)")
+    names = set()
+    for c in cases:
+        seg_dir = c / "segmentations"
+        if not seg_dir.is_dir():
+            raise InputError(seg_dir, "folder not found")
+        names.update(_mask_name(p) for p in seg_dir.iterdir() if p.name.endswith((".nii.gz", ".nii")))
+    if not names:
+        raise InputError(root, "no mask files in any CASE/segmentations/")
+    ordered = [n for n in ATLAS_CLASSES if n in names] + sorted(names - set(ATLAS_CLASSES))
+    return cases, ordered
+
+
+def _convert_case(args) -> tuple[str, list[str]]:
+    case_dir, classes, out = args
+    case = case_dir.name
+    label_path = out / "labelsTr" / f"{case}.nii.gz"
+    image_path = out / "imagesTr" / f"{case}_0000.nii.gz"
+    ct_geo, _ = read_header(case_dir / "ct.nii.gz")
+    masks, missing = {}, []
+    for value, name in enumerate(classes, start=1):
+        f = case_dir / "segmentations" / f"{name}.nii.gz"
+        if not f.is_file():
+            missing.append(name)
+            continue
+        m, geo = read_image(f, dtype=None)
+        diff = ct_geo.mismatch(geo)
+        if diff:
+            raise InputError(f, f"geometry differs from ct.nii.gz: {diff}")
+        masks[value] = m > 0
+    if label_path.is_file() and image_path.is_file():
+        return case, missing
+    seg = np.zeros(ct_geo.shape, dtype=np.uint8 if len(classes) < 256 else np.uint16)
+    # paint the largest masks first so that smaller (nested) structures win overlaps
+    for value in sorted(masks, key=lambda v: -int(masks[v].sum())):
+        seg[masks[value]] = value
+    with atomic_path(image_path) as tmp:
+        shutil.copyfile(case_dir / "ct.nii.gz", tmp)
+    write_image(label_path, seg, ct_geo)  # written last: marks the case as converted
+    return case, missing
+
+
+def convert(root: str | Path, raw_root: str | Path, dataset_id: int, name: str = "AbdomenAtlas",
+            num_workers: int = 2) -> Path:
+    root = Path(root)
+    cases, classes = scan(root)
+    out = Path(raw_root) / f"Dataset{dataset_id:03d}_{name}"
+    existing = [p for p in Path(raw_root).glob(f"Dataset{dataset_id:03d}_*") if p != out]
+    if existing:
+        raise SupremError(f"dataset id {dataset_id} is already used by {existing[0]}")
+    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    results = _map(_convert_case, [(c, classes, out) for c in cases], num_workers, "convert")
+    partial = {case: missing for case, missing in results if missing}
+    spec = {
+        "name": name,
+        "description": f"converted from the AbdomenAtlas layout at {root} by suprem_convert_abdomenatlas; "
+                       "overlaps resolved smallest-mask-wins",
+        "channel_names": {"0": "CT"},
+        "labels": {"background": 0, **{n: i for i, n in enumerate(classes, start=1)}},
+        "numTraining": len(cases),
+        "file_ending": ".nii.gz",
+    }
+    if partial:
+        spec["partial_labels"] = partial
+    write_json(out / "dataset.json", spec)
+    return out
