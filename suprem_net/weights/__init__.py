@@ -1,1 +1,30 @@
-"""suprem_net.weights"""
+"""Pre-trained checkpoints of the SuPreM model table: registry, safe loading, head transfer.
+
+>>> from suprem_net.weights import load_pretrained
+>>> report = load_pretrained(model, "suprem_unet")          # or a path to a .pth file
+>>> report.counts()  # {'loaded': 104, 'skipped': 13, ...}
+"""
+from suprem_net.weights.heads import canonical_name, match_classes, transfer_head
+from suprem_net.weights.loading import (
+    LoadReport,
+    load_pretrained,
+    local_path,
+    model_family,
+    read_state_dict,
+    resolve_checkpoint,
+    weights_dir,
+)
+from suprem_net.weights.registry import (
+    ABDOMENATLAS_25,
+    REGISTRY,
+    UNIVERSAL_32,
+    CheckpointEntry,
+    get_entry,
+    names,
+)
+
+__all__ = [
+    "ABDOMENATLAS_25", "UNIVERSAL_32", "REGISTRY", "CheckpointEntry", "LoadReport", "canonical_name",
+    "get_entry", "load_pretrained", "local_path", "match_classes", "model_family", "names",
+    "read_state_dict", "resolve_checkpoint", "transfer_head", "weights_dir",
+]

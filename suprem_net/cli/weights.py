@@ -1,0 +1,139 @@
+"""``suprem_weights``: the pre-trained checkpoint zoo.
+
+    suprem_weights list                       # every checkpoint of the model table, status, local file
+    suprem_weights info NAME                  # one entry in full
+    suprem_weights check NAME|PATH [--family F] [--num-classes N] [--in-channels C] [--labels dataset.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from suprem_net.cli._common import setup_logging, user_errors_exit_2
+from suprem_net.errors import SupremError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="suprem_weights", description="List, describe and check pre-trained weights.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="all checkpoints of the SuPreM model table")
+    info = sub.add_parser("info", help="details of one checkpoint")
+    info.add_argument("name")
+    check = sub.add_parser("check", help="load a checkpoint into its network and report tensor counts")
+    check.add_argument("source", help="registry name or path to a .pth/.pt file")
+    check.add_argument("--family", help="network family (needed for a path whose family cannot be inferred)")
+    check.add_argument("--num-classes", type=int, default=2, help="output channels of the network (default 2)")
+    check.add_argument("--in-channels", type=int, default=1, help="input channels of the network (default 1)")
+    check.add_argument("--labels", type=Path, help="dataset.json whose 'labels' drive the head transfer")
+    return p
+
+
+def _cmd_list() -> None:
+    from suprem_net.weights import REGISTRY, local_path, weights_dir
+
+    rows = [("name", "family", "params", "pre-training data", "status", "local file")]
+    for e in REGISTRY.values():
+        rows.append((e.name, e.family or "-", e.params.split(" ")[0], e.data, e.status,
+                     "present" if local_path(e).is_file() else "missing"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print(f"\nweights folder: {weights_dir()} (set SUPREM_weights to change it)")
+
+
+def _cmd_info(name: str) -> None:
+    from suprem_net.weights import REGISTRY, get_entry, local_path
+
+    e = get_entry(name)
+    if e is None:
+        raise SupremError(f"unknown pretrained weights {name!r} (known: {', '.join(REGISTRY)})")
+    path = local_path(e)
+    lines = [
+        ("name", e.name), ("model table", f"{e.title} ({e.source})" if e.source else e.title),
+        ("status", e.status + (f": {e.unsupported_reason}" if not e.supported else "")),
+        ("family", e.family or "-"), ("kwargs", json.dumps(e.kwargs)), ("params", e.params),
+        ("backbone params", f"{e.backbone_params:,}" if e.backbone_params else "-"),
+        ("pre-training data", e.data), ("file", e.file),
+        ("local path", f"{path} ({'present' if path.is_file() else 'missing'})"), ("download", e.url),
+        ("mirror", e.mirror_url or "-"), ("key adapter", e.adapter or "-"),
+        ("expected backbone tensors", str(e.expected_tensors) if e.expected_tensors is not None else "-"),
+        ("head", e.head + (f" ({len(e.head_classes)} classes: {', '.join(e.head_classes)})" if e.head_classes else "")),
+        ("notes", e.notes or "-"),
+    ]
+    width = max(len(k) for k, _ in lines)
+    for k, v in lines:
+        print(f"{k.ljust(width)}  {v}")
+
+
+def _read_labels(path: Path) -> dict:
+    try:
+        labels = json.loads(path.read_text())["labels"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SupremError(f"{path}: cannot read 'labels' ({type(e).__name__}: {e})") from None
+    if not isinstance(labels, dict):
+        raise SupremError(f"{path}: 'labels' must be an object name -> value")
+    return labels
+
+
+def _cmd_check(args: argparse.Namespace) -> None:
+    from suprem_net.networks import FAMILIES, build_network
+    from suprem_net.weights import get_entry, load_pretrained, read_state_dict, resolve_checkpoint
+    from suprem_net.weights.adapters import ADAPTERS, infer_adapter, infer_family
+    from suprem_net.weights.registry import entry_for_file
+
+    entry = get_entry(args.source)
+    if entry is not None and not entry.supported:
+        raise SupremError(f"pretrained weights {entry.name!r}: {entry.unsupported_reason}")
+    path = resolve_checkpoint(args.source)
+    entry = entry or entry_for_file(path.name)
+    family = args.family or (entry.family if entry else None)
+    if family is None:
+        sd = read_state_dict(path)
+        family = infer_family(list(ADAPTERS[infer_adapter(list(sd))](sd, None).tensors))
+        if family is None:
+            raise SupremError(f"{path}: cannot tell the network family from its keys; pass --family "
+                              f"({', '.join(FAMILIES)})")
+    labels = _read_labels(args.labels) if args.labels else None
+    num_classes = args.num_classes
+    if labels:
+        values = [v for v in labels.values() if isinstance(v, int) and not isinstance(v, bool)]
+        num_classes = max(num_classes, max(values, default=0) + 1)
+    kwargs = dict(entry.kwargs) if entry is not None and entry.family == family else {}
+    model = build_network({"family": family, "kwargs": kwargs}, args.in_channels, num_classes)
+    report = load_pretrained(model, path, family=family, target_labels=labels)
+    c = report.counts()
+    print(f"source      {report.source}")
+    print(f"file        {report.path}")
+    print(f"network     {family} {json.dumps(kwargs)}, in_channels={args.in_channels}, num_classes={num_classes}")
+    print(f"adapter     {report.adapter}")
+    exp = f" of {report.expected} expected" if report.expected is not None else ""
+    print(f"loaded      {c['loaded']}{exp}")
+    print(f"skipped     {c['skipped']} (left out on purpose: wrapper, pretext or pre-training heads)")
+    print(f"unexpected  {c['unexpected']} (no counterpart in the network)")
+    print(f"mismatch    {c['shape_mismatch']}" + "".join(f"\n  {k}: file {fs} network {ms}"
+                                                      for k, (fs, ms) in report.shape_mismatch.items()))
+    print(f"missing     {c['missing']} (left as initialised)" + "".join(f"\n  {k}" for k in report.missing[:10]))
+    if report.head_note:
+        print(f"head        {report.head_note}")
+    print("OK")
+
+
+@user_errors_exit_2
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging(args.verbose)
+    if args.command == "list":
+        _cmd_list()
+    elif args.command == "info":
+        _cmd_info(args.name)
+    else:
+        _cmd_check(args)
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

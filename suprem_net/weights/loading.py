@@ -1,0 +1,239 @@
+"""Find, read (safely) and load a pre-trained checkpoint into one of our networks, never silently.
+
+* :func:`resolve_checkpoint`: a registry name -> ``$SUPREM_weights/<file>`` or
+  ``./pretrained_weights/<file>``; a path -> itself.
+* :func:`read_state_dict`: ``torch.load(weights_only=True)`` only; unwraps ``net`` / ``state_dict``
+  / ``model`` / ``network_weights``.
+* :func:`load_pretrained`: adapt keys, copy by name and shape, return a :class:`LoadReport`;
+  a registry source that loads fewer backbone tensors than expected raises ``SupremError``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+
+from suprem_net.errors import SupremError
+from suprem_net.weights.adapters import ADAPTERS, infer_adapter, infer_family
+from suprem_net.weights.heads import transfer_head
+from suprem_net.weights.registry import REGISTRY, CheckpointEntry, entry_for_file, get_entry, head_classes_for
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_ENV = "SUPREM_weights"
+DEFAULT_WEIGHTS_DIR = "pretrained_weights"
+WRAPPER_KEYS = ("net", "state_dict", "model", "network_weights")
+
+
+@dataclass
+class LoadReport:
+    """What happened to every tensor of a checkpoint and every entry of the model."""
+
+    source: str                      # registry name or the path given
+    path: str
+    family: str | None
+    adapter: str
+    loaded: list[str] = field(default_factory=list)          # model keys that received a tensor
+    skipped: dict[str, str] = field(default_factory=dict)    # file key -> why the adapter left it out
+    unexpected: list[str] = field(default_factory=list)      # adapted keys the model does not have
+    shape_mismatch: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)  # key -> (file, model)
+    missing: list[str] = field(default_factory=list)         # model keys left as initialised
+    expected: int | None = None                               # backbone tensors that had to load
+    input_mismatch: list[str] = field(default_factory=list)  # input-layer keys excused (in_channels differs)
+    head_transferred: dict[str, tuple[int, int]] = field(default_factory=dict)  # label -> (src ch, dst ch)
+    head_note: str = ""
+
+    def counts(self) -> dict[str, int]:
+        return {"loaded": len(self.loaded), "skipped": len(self.skipped), "unexpected": len(self.unexpected),
+                "shape_mismatch": len(self.shape_mismatch), "missing": len(self.missing),
+                "head_transferred": len(self.head_transferred)}
+
+    def summary(self) -> str:
+        c = self.counts()
+        exp = f" (expected {self.expected})" if self.expected is not None else ""
+        s = (f"{self.source}: loaded {c['loaded']}{exp}, skipped {c['skipped']}, unexpected {c['unexpected']}, "
+             f"shape mismatch {c['shape_mismatch']}, missing {c['missing']} (left as initialised)")
+        return s + (f"; {self.head_note}" if self.head_note else "")
+
+
+def weights_dir() -> Path:
+    """Where registry files are looked for: ``$SUPREM_weights``, else ``./pretrained_weights``."""
+    env = os.environ.get(WEIGHTS_ENV)
+    return Path(env) if env else Path.cwd() / DEFAULT_WEIGHTS_DIR
+
+
+def local_path(entry: CheckpointEntry) -> Path:
+    return weights_dir() / entry.file
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
+    """A registry name -> the local file (must exist); otherwise an existing file path."""
+    text = str(name_or_path)
+    entry = get_entry(text)
+    if entry is not None:
+        path = local_path(entry)
+        if not path.is_file():
+            raise SupremError(f"pretrained weights {entry.name!r} not found: expected {path} "
+                              f"(download {entry.url} and save it as {path}; set {WEIGHTS_ENV} to use another folder)")
+        return path
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    if path.exists():
+        raise SupremError(f"{path}: is not a file")
+    if os.sep in text or "/" in text or path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
+        raise SupremError(f"checkpoint file not found: {path}")
+    raise SupremError(f"unknown pretrained weights {text!r}: not a file and not a registry name "
+                      f"(known: {', '.join(REGISTRY)})")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load ``path`` with ``weights_only=True`` and return its tensor dict (wrappers unwrapped)."""
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise SupremError(f"{path}: contains pickled code; refusing to load ({first[:200]}); if you trust it, "
+                          "re-save only its tensors with torch.save(state_dict) and use that file") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        msg = " ".join(str(e).split())[:200]
+        if "weights_only" in msg or "Weights only" in msg:
+            raise SupremError(f"{path}: contains pickled code; refusing to load ({msg})") from None
+        raise SupremError(f"{path}: not a readable PyTorch checkpoint ({msg})") from None
+    seen = []
+    while isinstance(obj, Mapping):
+        inner = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        seen.append(inner)
+        obj = obj[inner]
+    if not isinstance(obj, Mapping):
+        raise SupremError(f"{path}: not a state dict (found {type(obj).__name__})")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        top = ", ".join(list(map(str, obj))[:8])
+        raise SupremError(f"{path}: no tensors found (keys: {top or 'none'})")
+    logger.debug("%s: %d tensors under %s", path, len(tensors), "/".join(seen) or "top level")
+    return tensors
+
+
+def model_family(model: nn.Module) -> str | None:
+    """The family of a network built by :mod:`suprem_net.networks`, or ``None``."""
+    from monai.networks.nets import SegResNet, SwinUNETR
+
+    from suprem_net.networks.suprem_unet import SupremUNet3D
+
+    model = getattr(model, "_orig_mod", model)
+    if isinstance(model, SupremUNet3D):
+        return "suprem_unet"
+    if isinstance(model, SwinUNETR):
+        return "swinunetr"
+    if isinstance(model, SegResNet):
+        return "segresnet"
+    return None
+
+
+def _family_attrs(family: str | None) -> tuple[str | None, tuple[str, ...]]:
+    if family is None:
+        return None, ()
+    from suprem_net.networks import family_module
+
+    mod = family_module(family)
+    return getattr(mod, "HEAD_KEY", None), tuple(getattr(mod, "INPUT_KEYS", ()))
+
+
+def load_pretrained(model: nn.Module, name_or_path: str | os.PathLike, family: str | None = None,
+                    target_labels: Mapping[str, object] | None = None) -> LoadReport:
+    """Load a registry checkpoint (``"suprem_unet"``, ...) or a file into ``model``.
+
+    Tensors are matched by (adapted) name and shape and copied in place. ``target_labels``
+    (dataset.json ``labels``) enables class-wise head transfer where the source has a plain
+    head with known class names. Raises ``SupremError`` for an unsupported or missing source,
+    a family mismatch, a registry source that loads fewer backbone tensors than expected, or a
+    file of which nothing loads.
+    """
+    text = str(name_or_path)
+    entry = get_entry(text)
+    if entry is not None and not entry.supported:
+        raise SupremError(f"pretrained weights {entry.name!r}: {entry.unsupported_reason}")
+    path = resolve_checkpoint(name_or_path)
+    if entry is None:
+        entry = entry_for_file(path.name)  # a published file given by path
+        if entry is not None and not entry.supported:
+            raise SupremError(f"{path} ({entry.name}): {entry.unsupported_reason}")
+    net_family = model_family(model)
+    if family is not None and net_family is not None and family != net_family:
+        raise SupremError(f"family {family!r} given but the network is a {net_family}")
+    family = family or net_family
+    if entry is not None and family is not None and entry.family != family:
+        raise SupremError(f"pretrained weights {entry.name!r} are for a {entry.family} network, not {family}")
+    family = family or (entry.family if entry else None)
+    head_key, input_keys = _family_attrs(family)
+
+    sd = read_state_dict(path)
+    adapter = entry.adapter if entry is not None else infer_adapter(list(sd))
+    adapted = ADAPTERS[adapter](sd, head_key)
+    report = LoadReport(source=entry.name if entry else text, path=str(path), family=family, adapter=adapter,
+                        skipped=dict(adapted.skipped), expected=entry.expected_tensors if entry else None)
+
+    state = model.state_dict()
+    with torch.no_grad():
+        for key, value in adapted.tensors.items():
+            target = state.get(key)
+            if target is None:
+                report.unexpected.append(key)
+            elif tuple(target.shape) != tuple(value.shape):
+                report.shape_mismatch[key] = (tuple(value.shape), tuple(target.shape))
+            else:
+                target.copy_(value)
+                report.loaded.append(key)
+    done = set(report.loaded)
+    report.missing = [k for k in state if k not in done]
+    report.input_mismatch = [k for k, (fs, ms) in report.shape_mismatch.items()
+                             if k in input_keys and fs[0] == ms[0] and fs[2:] == ms[2:]]
+    for key in report.input_mismatch:
+        logger.warning("%s: %s not loaded: the network has %d input channels, the file %d",
+                       report.source, key, report.shape_mismatch[key][1][1], report.shape_mismatch[key][0][1])
+
+    _check_counts(report, entry, family)
+    if target_labels and adapted.head and entry is not None and head_key:
+        weight = adapted.head.get(f"{head_key}.weight")
+        classes = head_classes_for(entry, int(weight.shape[0])) if weight is not None else None
+        if classes is None:
+            report.head_note = "head: class order of the pre-trained head is unknown, not transferred"
+        else:
+            report.head_transferred, report.head_note = transfer_head(model, head_key, adapted.head, classes,
+                                                                      target_labels)
+    elif target_labels and entry is not None and entry.head == "universal":
+        report.head_note = ("head: not transferable (CLIP Universal-Model dynamic head has no per-class "
+                            "conv weights); the target head starts random")
+    logger.info("%s", report.summary())
+    return report
+
+
+def _check_counts(report: LoadReport, entry: CheckpointEntry | None, family: str | None) -> None:
+    for key, (fs, ms) in report.shape_mismatch.items():
+        if key not in report.input_mismatch:
+            logger.warning("%s: %s not loaded: shape %s in the file, %s in the network", report.source, key, fs, ms)
+    if report.unexpected:
+        logger.debug("%s: %d file tensors have no counterpart: %s", report.source, len(report.unexpected),
+                     ", ".join(report.unexpected[:10]))
+    if entry is not None and entry.expected_tensors is not None:
+        got = len(report.loaded) + len(report.input_mismatch)
+        if got < entry.expected_tensors:
+            detail = (list(report.shape_mismatch)[:3] or report.unexpected[:3])
+            raise SupremError(
+                f"{entry.name}: only {got} of {entry.expected_tensors} backbone tensors loaded from {report.path} "
+                f"({len(report.shape_mismatch)} shape mismatches, {len(report.unexpected)} unexpected, e.g. "
+                f"{', '.join(detail) or 'none'}); build the network as published: family {entry.family}, "
+                f"kwargs {entry.kwargs}")
+    elif not report.loaded:
+        raise SupremError(f"{report.path}: no tensor matches the {family or 'given'} network "
+                          f"({len(report.unexpected)} unexpected, {len(report.shape_mismatch)} shape mismatches)")

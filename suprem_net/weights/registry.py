@@ -1,0 +1,225 @@
+"""The pre-trained checkpoint zoo of the SuPreM model table, as data.
+
+One :class:`CheckpointEntry` per downloadable file. ``family`` / ``kwargs`` say which network of
+:mod:`suprem_net.networks` the file loads into, ``adapter`` names the key remapping of
+:mod:`suprem_net.weights.adapters`, and ``expected_tensors`` is the number of backbone tensors
+(state-dict entries, buffers included) that must load, or the load is refused.
+
+Class orders (facts §4): the AbdomenAtlas 1.1 order (25 organs; the SuPreM pre-training script)
+and the CLIP-Driven Universal Model order (25 organs + 7 tumours/cyst; the head order of the
+published SuPreM/Universal checkpoints). In both lists, position i is output channel i.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ABDOMENATLAS_25: tuple[str, ...] = (
+    "aorta", "gall_bladder", "kidney_left", "kidney_right", "liver", "pancreas", "postcava", "spleen",
+    "stomach", "adrenal_gland_left", "adrenal_gland_right", "bladder", "celiac_trunk", "colon", "duodenum",
+    "esophagus", "femur_left", "femur_right", "hepatic_vessel", "intestine", "lung_left", "lung_right",
+    "portal_vein_and_splenic_vein", "prostate", "rectum",
+)
+
+UNIVERSAL_32: tuple[str, ...] = (
+    "spleen", "kidney_right", "kidney_left", "gall_bladder", "esophagus", "liver", "stomach", "aorta",
+    "postcava", "portal_vein_and_splenic_vein", "pancreas", "adrenal_gland_right", "adrenal_gland_left",
+    "duodenum", "hepatic_vessel", "lung_right", "lung_left", "colon", "intestine", "rectum", "bladder",
+    "prostate", "femur_left", "femur_right", "celiac_truck", "kidney_tumor", "liver_tumor", "pancreas_tumor",
+    "hepatic_vessel_tumor", "lung_tumor", "colon_tumor", "kidney_cyst",
+)
+
+HF_BASE = "https://huggingface.co/MrGiovanni/SuPreM/resolve/main/"
+
+# published architectures (what ``kwargs={}`` builds, spelled out)
+SWIN_KWARGS = {"feature_size": 48, "legacy_patch_merging": True}
+UNET_KWARGS = {"act": "relu", "batch_stats_always": True}
+SEGRESNET_KWARGS = {"init_filters": 16, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1], "dropout_prob": 0.0}
+
+
+@dataclass(frozen=True)
+class CheckpointEntry:
+    name: str
+    title: str                      # the model table's name
+    family: str | None              # network family, None when the architecture is not supported
+    kwargs: dict                    # plan network kwargs of the published architecture
+    params: str                     # as published in the table (SegResNet corrected)
+    data: str                       # pre-training data
+    file: str
+    url: str
+    adapter: str | None             # key remapping, see adapters.ADAPTERS
+    expected_tensors: int | None    # backbone state-dict entries that must load
+    backbone_params: int | None = None   # exact parameter count without the head, where checked
+    head: str = "none"              # "conv" (plain 1x1 conv), "universal" (CLIP dynamic head), "pretext", "none"
+    head_classes: tuple[str, ...] | None = None   # class order of the head's output channels
+    supported: bool = True
+    unsupported_reason: str = ""
+    mirror_url: str = ""
+    source: str = ""                # the project that published the weights
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        return "supported" if self.supported else "not yet supported"
+
+
+_DBX = "https://www.dropbox.com/scl/fi/"
+
+_ENTRIES: tuple[CheckpointEntry, ...] = (
+    # ---- Swin UNETR ----
+    CheckpointEntry(
+        name="tang_swinunetr", title="Tang et al.", family="swinunetr", kwargs=SWIN_KWARGS, params="62.19M",
+        data="5050 CT", file="self_supervised_nv_swin_unetr_5050.pt",
+        url=_DBX + "7v0ohio4dhaod8azg0unw/self_supervised_nv_swin_unetr_5050.pt"
+                   "?rlkey=rq03hg6guq9kpi4uqpbkte41d&dl=0",
+        adapter="swin_ssl_tang", expected_tensors=126, backbone_params=62_186_610, head="pretext",
+        source="Project-MONAI/research-contributions (SwinUNETR/Pretrain)",
+        notes="self-supervised Swin-ViT encoder only (126 swinViT entries); decoder and head start random. "
+              "Keys module.[swinViT.|swin_vit.]<encoder key> or the model_swinvit.pt layout "
+              "(module.layersN..., mlp.fc1/fc2) are both accepted.",
+    ),
+    CheckpointEntry(
+        name="valanarasu_swinunetr", title="Jose Valanarasu et al.", family="swinunetr", kwargs=SWIN_KWARGS,
+        params="62.19M", data="50000 CT/MRI", file="self_supervised_nv_swin_unetr_50000.pth",
+        url=_DBX + "ymw3zt4aawa1fvo1o7saj/self_supervised_nv_swin_unetr_50000.pth"
+                   "?rlkey=sanmzwl9ez1xub9y94fiozogk&dl=0",
+        adapter="swin_ssl_monai50k", expected_tensors=126, backbone_params=62_186_610, head="pretext",
+        source="MONAI self-supervised Swin UNETR (50k CT/MRI)",
+        notes="checkpoint['model'] with encoder.* keys renamed to swinViT.*; encoder.mask_token, encoder.norm.* "
+              "and the reconstruction head out.conv.conv.* are dropped. 126 swinViT entries must load; the "
+              "decoder entries (up to 157 in all) load too when the file has them.",
+    ),
+    CheckpointEntry(
+        name="universal_swinunetr", title="Universal Model", family="swinunetr", kwargs=SWIN_KWARGS,
+        params="62.19M", data="2100 CT", file="supervised_clip_driven_universal_swin_unetr_2100.pth",
+        url=_DBX + "v7fg5cesxx6hra6stln09/supervised_clip_driven_universal_swin_unetr_2100.pth"
+                   "?rlkey=2pubjk679ai5s59g8884318r8&dl=0",
+        adapter="universal_wrapper", expected_tensors=157, backbone_params=62_186_610, head="universal",
+        head_classes=UNIVERSAL_32, source="ljwztc/CLIP-Driven-Universal-Model",
+        notes="checkpoint['net'] with module.backbone.<SwinUNETR key>; the CLIP wrapper (organ_embedding, "
+              "precls_conv, GAP, controller, text_to_vision) is dropped.",
+    ),
+    CheckpointEntry(
+        name="suprem_swinunetr", title="SuPreM", family="swinunetr", kwargs=SWIN_KWARGS, params="62.19M",
+        data="2100 CT", file="supervised_suprem_swinunetr_2100.pth", url=HF_BASE + "supervised_suprem_swinunetr_2100.pth",
+        mirror_url=_DBX + "gd1d7k9mac5azpwurds66/supervised_suprem_swinunetr_2100.pth"
+                          "?rlkey=xoqr7ey52rnese2k4hwmrlqrt&dl=0",
+        adapter="universal_wrapper", expected_tensors=157, backbone_params=62_186_610, head="universal",
+        head_classes=UNIVERSAL_32, source="MrGiovanni/SuPreM",
+        notes="checkpoint['net'] (170 entries): module.backbone.<SwinUNETR key> (157) + the CLIP wrapper (13).",
+    ),
+    # ---- U-Net ----
+    CheckpointEntry(
+        name="models_genesis_unet", title="Models Genesis", family="suprem_unet", kwargs=UNET_KWARGS,
+        params="19.08M", data="623 CT", file="self_supervised_models_genesis_unet_620.pt",
+        url=_DBX + "h9006v3bhxjlg6x1yvcge/self_supervised_models_genesis_unet_620.pt"
+                   "?rlkey=2wqm80i5hvrktpk6n7ye3hc55&dl=0",
+        adapter="models_genesis", expected_tensors=104, backbone_params=19_073_600, head="pretext",
+        source="MrGiovanni/ModelsGenesis",
+        notes="checkpoint['state_dict'] with module.<UNet3D key>; the 1-channel restoration head "
+              "out_tr.final_conv is dropped.",
+    ),
+    CheckpointEntry(
+        name="unimiss_tiny", title="UniMiSS (tiny)", family=None, kwargs={}, params="tiny", data="5022 CT&MRI",
+        file="self_supervised_unimiss_nnunet_tiny_5022.pth",
+        url=_DBX + "joxv6gwhizcg5pmgxtoy7/self_supervised_unimiss_nnunet_tiny_5022.pth"
+                   "?rlkey=kj2wzl6t5fxfkxuwl18r1jfer&dl=0",
+        adapter=None, expected_tensors=None, supported=False, source="YtongXie/UniMiSS-code",
+        unsupported_reason="not yet supported: UniMiSS is a 2D/3D mixed transformer (MiT) encoder with its own "
+                           "decoder, not one of the suprem_unet/swinunetr/segresnet families, and its "
+                           "SuPreM-repackaged key layout could not be verified without the file",
+    ),
+    CheckpointEntry(
+        name="unimiss_small", title="UniMiSS (small)", family=None, kwargs={}, params="small", data="5022 CT&MRI",
+        file="self_supervised_unimiss_nnunet_small_5022.pth",
+        url=_DBX + "mej5qfc5w6dmtsgn7hsbs/self_supervised_unimiss_nnunet_small_5022.pth"
+                   "?rlkey=k0hzktopzh8ih20aou241r9rb&dl=0",
+        adapter=None, expected_tensors=None, supported=False, source="YtongXie/UniMiSS-code",
+        unsupported_reason="not yet supported: UniMiSS is a 2D/3D mixed transformer (MiT) encoder with its own "
+                           "decoder, not one of the suprem_unet/swinunetr/segresnet families, and its "
+                           "SuPreM-repackaged key layout could not be verified without the file",
+    ),
+    CheckpointEntry(
+        name="med3d", title="Med3D", family=None, kwargs={}, params="85.75M", data="1638 CT",
+        file="supervised_med3D_residual_unet_1623.pth",
+        url=_DBX + "dv2u26f5ibwvkd0wgf8sj/supervised_med3D_residual_unet_1623.pth"
+                   "?rlkey=h7ddvgilv27esypjh8w4hrhgb&dl=0",
+        adapter=None, expected_tensors=None, supported=False, source="Tencent/MedicalNet",
+        unsupported_reason="not yet supported: Med3D is a MedicalNet 3D ResNet encoder with a residual U-Net "
+                           "decoder (85.75M params) whose exact depth and decoder layout in this file are "
+                           "undocumented; no key-compatible network is implemented",
+    ),
+    CheckpointEntry(
+        name="dodnet", title="DoDNet", family=None, kwargs={}, params="17.29M", data="920 CT",
+        file="supervised_dodnet_unet_920.pth",
+        url=_DBX + "wf5xuoqe2pa8xky6rwhv1/supervised_dodnet_unet_920.pth?rlkey=c6g94jxukuan4osxldbrpwbix&dl=0",
+        adapter=None, expected_tensors=None, supported=False, source="jianpengz/DoDNet",
+        unsupported_reason="not yet supported: DoDNet is a 3D ResNet-style U-Net with a task-conditioned "
+                           "dynamic head (17.29M params), not one of the suprem_unet/swinunetr/segresnet "
+                           "families; no key-compatible network is implemented",
+    ),
+    CheckpointEntry(
+        name="universal_unet", title="Universal Model", family="suprem_unet", kwargs=UNET_KWARGS, params="19.08M",
+        data="2100 CT", file="supervised_clip_driven_universal_unet_2100.pth",
+        url=_DBX + "k6yffxaavofwtkut076t0/supervised_clip_driven_universal_unet_2100.pth"
+                   "?rlkey=myf71pu6v8j16bwv4ouoz4xov&dl=0",
+        adapter="universal_wrapper", expected_tensors=104, backbone_params=19_073_600, head="universal",
+        head_classes=UNIVERSAL_32, source="ljwztc/CLIP-Driven-Universal-Model",
+        notes="checkpoint['net'] with module.backbone.<UNet3D key>; the CLIP wrapper is dropped.",
+    ),
+    CheckpointEntry(
+        name="suprem_unet", title="SuPreM", family="suprem_unet", kwargs=UNET_KWARGS, params="19.08M",
+        data="2100 CT", file="supervised_suprem_unet_2100.pth", url=HF_BASE + "supervised_suprem_unet_2100.pth",
+        mirror_url=_DBX + "r5ti0vj6sgrengvvmez1k/supervised_suprem_unet_2100.pth"
+                          "?rlkey=i4rw4xw44vpjpz75eq32fk0rb&dl=0",
+        adapter="universal_wrapper", expected_tensors=104, backbone_params=19_073_600, head="universal",
+        head_classes=UNIVERSAL_32, source="MrGiovanni/SuPreM",
+        notes="checkpoint['net'] (117 entries): module.backbone.<UNet3D key> (104) + the CLIP wrapper (13).",
+    ),
+    # ---- SegResNet ----
+    CheckpointEntry(
+        name="suprem_segresnet", title="SuPreM", family="segresnet", kwargs=SEGRESNET_KWARGS,
+        params="4.70M (README first said 470.13M)", data="2100 CT", file="supervised_suprem_segresnet_2100.pth",
+        url=HF_BASE + "supervised_suprem_segresnet_2100.pth",
+        mirror_url=_DBX + "hq10omgcie7mdsxo34bjg/supervised_suprem_segresnet_2100.pth"
+                          "?rlkey=pwwes2dnlo2t6na80kioljbmm&dl=0",
+        adapter="segresnet_plain", expected_tensors=81, backbone_params=4_700_880, head="conv",
+        head_classes=UNIVERSAL_32, source="MrGiovanni/SuPreM",
+        notes="checkpoint['net'] (83 entries): module.<SegResNet key>; the head conv_final.2.conv is not loaded "
+              "as such (reported to have 32 outputs, read in the Universal-Model order; a 25-output head is "
+              "read in the AbdomenAtlas 1.1 order) but its channels can seed matching target classes.",
+    ),
+)
+
+REGISTRY: dict[str, CheckpointEntry] = {e.name: e for e in _ENTRIES}
+
+
+def names() -> list[str]:
+    """All registry names, in model-table order."""
+    return list(REGISTRY)
+
+
+def get_entry(name: str) -> CheckpointEntry | None:
+    """The entry called ``name`` (case-insensitive), or ``None``."""
+    return REGISTRY.get(name.strip().lower())
+
+
+def entry_for_file(file_name: str) -> CheckpointEntry | None:
+    """The entry whose published file name is ``file_name`` (a path's base name), or ``None``."""
+    for entry in _ENTRIES:
+        if entry.file == file_name:
+            return entry
+    return None
+
+
+def head_classes_for(entry: CheckpointEntry, n_outputs: int) -> tuple[str, ...] | None:
+    """Class order of a plain head with ``n_outputs`` channels from ``entry``'s file, or ``None``."""
+    if entry.head != "conv":
+        return None
+    if entry.head_classes is not None and len(entry.head_classes) == n_outputs:
+        return entry.head_classes
+    if n_outputs == len(ABDOMENATLAS_25):
+        return ABDOMENATLAS_25
+    if n_outputs == len(UNIVERSAL_32):
+        return UNIVERSAL_32
+    return None
