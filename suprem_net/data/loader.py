@@ -1,0 +1,94 @@
+"""Batches of patches from blosc2, augmented in background worker processes.
+
+Every batch is a pure function of ``(seed, stream, epoch, iteration, rank)``: the loader
+derives its own generator and reseeds numpy's global one (used by the batchgenerators
+transforms, which run in the same worker right after the batch is drawn) from those numbers.
+Workers produce batches round robin and ``MultiThreadedAugmenter`` returns them in order, so
+the k-th batch the trainer receives is the same with 0, 1 or 8 workers, and a run resumed at
+epoch E sees exactly the batches an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import logging
+import random
+
+import numpy as np
+from batchgenerators.dataloading.data_loader import SlimDataLoaderBase
+from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+
+from suprem_net.data.augmentation import AugmentationConfig, training_transforms
+from suprem_net.data.dataset import CaseStore
+from suprem_net.data.sampler import choose_region, forced_foreground, read_size
+
+log = logging.getLogger(__name__)
+
+TRAIN_STREAM, VAL_STREAM = 0, 1
+
+
+class PatchLoader(SlimDataLoaderBase):
+    """Draws ``batch_size`` patches per call; batch ``g`` of the stream is (epoch, iteration) =
+    divmod(g + start_epoch * iterations_per_epoch, iterations_per_epoch)."""
+
+    def __init__(self, store: CaseStore, case_ids: list[str], patch, size, batch_size: int, oversample: float,
+                 seed: int, rank: int, stream: int, iterations_per_epoch: int, start_epoch: int = 0,
+                 num_threads: int = 1):
+        super().__init__(None, batch_size, num_threads)
+        self.store, self.case_ids = store, list(case_ids)
+        self.patch, self.size = list(patch), list(size)
+        self.oversample, self.seed, self.rank, self.stream = oversample, seed, rank, stream
+        self.iterations_per_epoch, self.start_epoch = iterations_per_epoch, start_epoch
+        self.counter = 0
+
+    def position(self, index: int) -> tuple[int, int]:
+        return divmod(index + self.start_epoch * self.iterations_per_epoch, self.iterations_per_epoch)
+
+    def generate_train_batch(self) -> dict:
+        n = self.number_of_threads_in_multithreaded or 1
+        index = self.counter * n + self.thread_id
+        self.counter += 1
+        epoch, iteration = self.position(index)
+        seq = np.random.SeedSequence([self.seed, self.stream, epoch, iteration, self.rank])
+        rng = np.random.default_rng(seq)
+        state = seq.generate_state(2)
+        np.random.seed(int(state[0]))
+        random.seed(int(state[1]))
+        forced = forced_foreground(self.batch_size, self.oversample)
+        images, segs, keys = [], [], []
+        for force in forced:
+            case_id = self.case_ids[int(rng.integers(len(self.case_ids)))]
+            props = self.store.properties(case_id)
+            lo = choose_region(props, self.store.shape(case_id), self.patch, self.size, force, rng)
+            img, seg = self.store.read(case_id, lo, self.size)
+            images.append(img)
+            segs.append(seg)
+            keys.append(case_id)
+        return {"data": np.stack(images), "seg": np.stack(segs).astype(np.int16), "keys": keys,
+                "epoch": epoch, "iteration": iteration}
+
+
+def make_loader(store: CaseStore, case_ids: list[str], plan: dict, *, batch_size: int, seed: int, rank: int,
+                train: bool, iterations_per_epoch: int, start_epoch: int, num_workers: int,
+                elastic: bool = False, augment: bool = True, pin_memory: bool = False):
+    """An iterator of augmented batches (dicts with numpy ``data`` (B,C,Z,Y,X) and ``seg`` (B,1,Z,Y,X))."""
+    patch = [int(p) for p in plan["patch_size"]]
+    oversample = float(plan["training"].get("oversample_foreground", 0.33))
+    transform = None
+    size = patch
+    if train and augment:
+        cfg = AugmentationConfig.for_patch(patch, elastic)
+        size = read_size(patch, cfg.rotation_deg, cfg.read_margin_scale())
+        transform = training_transforms(patch, cfg)
+    loader = PatchLoader(store, case_ids, patch, size, batch_size, oversample, seed, rank,
+                         TRAIN_STREAM if train else VAL_STREAM, iterations_per_epoch, start_epoch,
+                         max(1, num_workers))
+    log.debug("%s loader: patch %s, read %s, %d workers", "train" if train else "val", patch, size, num_workers)
+    if num_workers <= 0:
+        return SingleThreadedAugmenter(loader, transform)
+    return MultiThreadedAugmenter(loader, transform, num_workers, num_cached_per_queue=2,
+                                  seeds=[seed + i for i in range(num_workers)], pin_memory=pin_memory)
+
+
+def close_loader(loader) -> None:
+    if isinstance(loader, MultiThreadedAugmenter):
+        loader._finish()

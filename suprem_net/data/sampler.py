@@ -1,0 +1,80 @@
+"""Where to cut a training patch: uniform or centred on a stored foreground voxel.
+
+Foreground oversampling follows nnU-Net: a forced sample picks a random class present in
+the case (from the stored ``class_locations``), then a random stored voxel of that class, and
+centres the patch there; otherwise the centre is uniform over positions that keep the patch
+inside the volume where the volume is large enough.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def read_size(patch, rotation_deg: tuple[float, float, float], max_scale: float = 1.0) -> list[int]:
+    """Edge lengths of the region to read so that a patch rotated by up to ``rotation_deg``
+    (about z, y, x) and scaled by up to ``max_scale`` is still covered; never below ``patch``."""
+    corners = np.array([[sz, sy, sx] for sz in (-1, 1) for sy in (-1, 1) for sx in (-1, 1)], float)
+    corners *= np.asarray(patch, float) / 2
+    extent = np.abs(corners).max(0)
+    for signs in ((1, 1, 1), (1, 1, -1), (1, -1, 1), (-1, 1, 1)):
+        rz, ry, rx = (math.radians(a) * s for a, s in zip(rotation_deg, signs))
+        rot = _rotation(rz, ry, rx)
+        extent = np.maximum(extent, np.abs(corners @ rot.T).max(0))
+    size = np.ceil(2 * extent * max(1.0, max_scale)).astype(int)
+    return [int(max(p, s)) for p, s in zip(patch, size)]
+
+
+def _rotation(rz: float, ry: float, rx: float) -> np.ndarray:
+    """Rotation matrix in (z, y, x) coordinates: about z (in-plane), then y, then x."""
+    cz, sz, cy, sy, cx, sx = math.cos(rz), math.sin(rz), math.cos(ry), math.sin(ry), math.cos(rx), math.sin(rx)
+    about_z = np.array([[1, 0, 0], [0, cz, -sz], [0, sz, cz]])
+    about_y = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    about_x = np.array([[cx, -sx, 0], [sx, cx, 0], [0, 0, 1]])
+    return about_x @ about_y @ about_z
+
+
+def foreground_center(props: dict, rng: np.random.Generator) -> list[int] | None:
+    """A stored voxel of a random class present in the case, or ``None`` if it has no foreground."""
+    locations = {k: v for k, v in (props.get("class_locations") or {}).items() if len(v)}
+    if not locations:
+        return None
+    classes = sorted(locations, key=int)
+    cls = classes[int(rng.integers(len(classes)))]
+    voxels = locations[cls]
+    return [int(v) for v in voxels[int(rng.integers(len(voxels)))]]
+
+
+def random_center(shape, patch, rng: np.random.Generator) -> list[int]:
+    """Uniform centre such that the patch stays inside the volume along every axis where it fits."""
+    center = []
+    for s, p in zip(shape, patch):
+        lo, hi = p // 2, s - (p - p // 2)
+        if hi < lo:  # volume smaller than the patch: centre it
+            center.append(s // 2)
+        else:
+            center.append(int(rng.integers(lo, hi + 1)))
+    return center
+
+
+def patch_origin(center, size) -> list[int]:
+    """Lower corner of a region of ``size`` centred on ``center``."""
+    return [int(c) - int(s) // 2 for c, s in zip(center, size)]
+
+
+def choose_region(props: dict, shape, patch, size, force_foreground: bool, rng: np.random.Generator) -> list[int]:
+    """Lower corner of the region (``size``, possibly larger than ``patch``) to read for one sample."""
+    center = foreground_center(props, rng) if force_foreground else None
+    if center is None:
+        center = random_center(shape, patch, rng)
+    return patch_origin(center, size)
+
+
+def forced_foreground(batch_size: int, fraction: float) -> list[bool]:
+    """Which samples of a batch are forced to contain foreground: the last ``round(fraction * B)``,
+    at least one when ``fraction > 0`` (nnU-Net's rule)."""
+    n = int(round(batch_size * fraction))
+    if fraction > 0:
+        n = max(1, n)
+    return [i >= batch_size - n for i in range(batch_size)]
