@@ -104,9 +104,9 @@ def compute_fingerprint(ds: RawDataset, cases: list[Case], num_workers: int = 2)
 def _map(fn, jobs, num_workers: int, desc: str) -> list:
     """Run ``fn`` over ``jobs`` in order, in worker processes when ``num_workers > 1``, with a progress bar."""
     if num_workers <= 1 or len(jobs) <= 1:
-        return [fn(j) for j in tqdm(jobs, desc=desc, unit="case", leave=False)]
+        return [fn(j) for j in tqdm(jobs, desc=desc, unit="case", leave=False, disable=None)]
     with ProcessPoolExecutor(max_workers=num_workers) as pool:
-        return list(tqdm(pool.map(fn, jobs), total=len(jobs), desc=desc, unit="case", leave=False))
+        return list(tqdm(pool.map(fn, jobs), total=len(jobs), desc=desc, unit="case", leave=False, disable=None))
 
 
 def load_or_compute(path: Path, ds: RawDataset, cases: list[Case], num_workers: int, force: bool) -> dict:

@@ -11,7 +11,7 @@ import numpy as np
 
 from suprem_net.errors import InputError, SupremError
 from suprem_net.io.dataset import SAFE_CASE_ID, RawDataset
-from suprem_net.io.image import read_header
+from suprem_net.io.image import has_nonfinite, read_header
 
 
 class IntegrityError(SupremError):
@@ -66,7 +66,7 @@ def voxel_problems(case_id: str, image_paths, images: list[np.ndarray], label_pa
                    label: np.ndarray, allowed_labels: set[int]) -> list[str]:
     problems = []
     for p, im in zip(image_paths, images):
-        if not np.isfinite(im).all():
+        if has_nonfinite(p, im):
             problems.append(f"{p}: image contains NaN or Inf values")
     if np.issubdtype(label.dtype, np.floating) and not np.array_equal(label, np.round(label)):
         problems.append(f"{label_path}: label has non-integer values")

@@ -20,7 +20,8 @@ def user_errors_exit_2(main):
         try:
             return main(argv)
         except SupremError as e:
-            print(f"error: {e}", file=sys.stderr)
+            for line in str(e).splitlines() or [type(e).__name__]:  # several problems: one line each
+                print(f"error: {line}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

@@ -137,3 +137,20 @@ def _short(e: Exception) -> str:
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     msg = lines[-1] if lines else type(e).__name__
     return msg[:200]
+
+
+def has_nonfinite(path: str | os.PathLike, arr: np.ndarray) -> bool:
+    """True if the file holds NaN or Inf voxels.
+
+    ITK's NIfTI reader silently turns NaN/Inf into 0, so for floating-point NIfTI files the
+    raw voxels are read again with nibabel to see them (integer files cannot hold them).
+    """
+    if not np.issubdtype(arr.dtype, np.floating):
+        return False
+    if not np.isfinite(arr).all():
+        return True
+    if str(path).endswith((".nii", ".nii.gz")):
+        import nibabel
+
+        return not np.isfinite(np.asanyarray(nibabel.load(str(path)).dataobj)).all()
+    return False
