@@ -132,6 +132,29 @@ def test_patch_merging_matches_installed_monai_when_not_legacy():
     assert torch.equal(ours(x), ref(x))
 
 
+def test_dodnet_architecture():
+    from suprem_net.networks.dodnet import WSConv3d
+
+    m = build_network({"family": "dodnet", "kwargs": {}}, 1, 4)
+    assert family_module("dodnet").DIVISOR == 16
+    assert n_params(m, "cls_conv.") == 17_285_920  # the model table's 17.29M
+    sd = m.state_dict()
+    assert len([k for k in sd if not k.startswith("cls_conv.")]) == 103
+    assert sd["layer1.0.downsample.2.weight"].shape == (64, 32, 1, 1, 1)
+    assert sd["x8_resb.0.conv1.weight"].shape == (128, 256, 3, 3, 3)
+    assert isinstance(m.conv1, WSConv3d)
+    w = torch.randn(4, 2, 3, 3, 3)
+    conv = WSConv3d(2, 4, 3, padding=1, bias=False)
+    conv.weight.data.copy_(w)
+    flat = w.reshape(4, -1)
+    ref_w = ((flat - flat.mean(1, keepdim=True)) / flat.std(1, keepdim=True)).reshape_as(w)
+    x = torch.randn(1, 2, 5, 5, 5)
+    assert torch.allclose(conv(x), torch.nn.functional.conv3d(x, ref_w, padding=1), atol=1e-5)
+    m.eval()
+    with torch.no_grad():
+        assert m(torch.randn(1, 1, 32, 32, 32)).shape == (1, 4, 32, 32, 32)
+
+
 def test_segresnet_architecture():
     m = build_network({"family": "segresnet", "kwargs": {}}, 1, 25)
     assert n_params(m) == 4_701_305

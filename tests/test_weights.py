@@ -229,7 +229,24 @@ def test_models_genesis_layout(unet, weights_dir):
     assert_loaded(unet, backbone, report)
 
 
-@pytest.mark.parametrize("name", ["unimiss_tiny", "unimiss_small", "med3d", "dodnet"])
+def test_dodnet_layout(weights_dir):
+    gen = torch.Generator().manual_seed(8)
+    model = build_network({"family": "dodnet"}, 1, 4)
+    backbone = _backbone(model, "cls_conv.", gen)
+    assert len(backbone) == 103
+    sd = OrderedDict((f"module.{k}", v) for k, v in backbone.items())
+    sd["module.precls_conv.0.weight"], sd["module.precls_conv.0.bias"] = torch.randn(32), torch.randn(32)
+    sd["module.precls_conv.2.weight"], sd["module.precls_conv.2.bias"] = torch.randn(8, 32, 1, 1, 1), torch.randn(8)
+    sd["module.GAP.0.weight"], sd["module.GAP.0.bias"] = torch.randn(256), torch.randn(256)
+    sd["module.controller.weight"], sd["module.controller.bias"] = torch.randn(162, 263, 1, 1, 1), torch.randn(162)
+    assert len(sd) == 111
+    torch.save(sd, weights_dir / "supervised_dodnet_unet_920.pth")
+    report = load_pretrained(model, "dodnet", target_labels={"background": 0, "liver": 1})
+    assert len(report.loaded) == 103 and len(report.skipped) == 8 and "not transferable" in report.head_note
+    assert_loaded(model, backbone, report)
+
+
+@pytest.mark.parametrize("name", ["unimiss_tiny", "unimiss_small", "med3d"])
 def test_foreign_architectures_refused(unet, name):
     with pytest.raises(SupremError, match="not yet supported"):
         load_pretrained(unet, name)

@@ -21,6 +21,7 @@ FAMILIES: dict[str, str] = {
     "suprem_unet": "suprem_unet",
     "swinunetr": "swinunetr",
     "segresnet": "segresnet",
+    "dodnet": "dodnet",
 }
 
 

@@ -84,6 +84,21 @@ def models_genesis(sd: dict[str, torch.Tensor], head_key: str | None) -> Adapted
     return out
 
 
+DODNET_HEAD = ("precls_conv", "GAP", "controller")
+
+
+def dodnet(sd: dict[str, torch.Tensor], head_key: str | None) -> Adapted:
+    """DoDNet: ``[module.]<key>`` (optionally under ``model``); its dynamic head is dropped."""
+    out = Adapted()
+    for k, v in sd.items():
+        key = _strip(k, "module.")
+        if key.split(".", 1)[0] in DODNET_HEAD:
+            out.skip(k, "DoDNet task-conditioned dynamic head, replaced by a plain head")
+        else:
+            out.tensors[key] = v
+    return out
+
+
 _TANG_TOP = re.compile(r"^(patch_embed|layers[1-4]|pos_drop)\.")
 
 
@@ -156,6 +171,7 @@ ADAPTERS: dict[str, Callable[[dict[str, torch.Tensor], str | None], Adapted]] = 
     "models_genesis": models_genesis,
     "swin_ssl_tang": swin_ssl_tang,
     "swin_ssl_monai50k": swin_ssl_monai50k,
+    "dodnet": dodnet,
     "plain": plain,
 }
 
@@ -166,6 +182,8 @@ def infer_adapter(keys: list[str]) -> str:
     firsts = {k.split(".", 1)[0] for k in stripped}
     if firsts & set(UNIVERSAL_WRAPPER) and "backbone" in firsts:
         return "universal_wrapper"
+    if "controller" in firsts and "x8_resb" in firsts:
+        return "dodnet"
     if "encoder.mask_token" in stripped or any(_SSL50K_LAYER.match(k) for k in stripped):
         return "swin_ssl_monai50k"
     if firsts & {"rotation_head", "contrastive_head", "swin_vit"} or any(_TANG_TOP.match(k) for k in stripped):
@@ -182,4 +200,6 @@ def infer_family(keys: list[str]) -> str | None:
             return "suprem_unet"
         if k.startswith("convInit."):
             return "segresnet"
+        if k.startswith("x8_resb."):
+            return "dodnet"
     return None

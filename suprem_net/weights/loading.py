@@ -128,6 +128,7 @@ def model_family(model: nn.Module) -> str | None:
     """The family of a network built by :mod:`suprem_net.networks`, or ``None``."""
     from monai.networks.nets import SegResNet, SwinUNETR
 
+    from suprem_net.networks.dodnet import DoDNetUNet3D
     from suprem_net.networks.suprem_unet import SupremUNet3D
 
     model = getattr(model, "_orig_mod", model)
@@ -137,6 +138,8 @@ def model_family(model: nn.Module) -> str | None:
         return "swinunetr"
     if isinstance(model, SegResNet):
         return "segresnet"
+    if isinstance(model, DoDNetUNet3D):
+        return "dodnet"
     return None
 
 
@@ -211,9 +214,10 @@ def load_pretrained(model: nn.Module, name_or_path: str | os.PathLike, family: s
         else:
             report.head_transferred, report.head_note = transfer_head(model, head_key, adapted.head, classes,
                                                                       target_labels)
-    elif target_labels and entry is not None and entry.head == "universal":
-        report.head_note = ("head: not transferable (CLIP Universal-Model dynamic head has no per-class "
-                            "conv weights); the target head starts random")
+    elif target_labels and entry is not None and entry.head in ("universal", "dynamic"):
+        kind = "CLIP Universal-Model" if entry.head == "universal" else "DoDNet task-conditioned"
+        report.head_note = (f"head: not transferable ({kind} dynamic head has no per-class conv weights); "
+                            "the target head starts random")
     logger.info("%s", report.summary())
     return report
 

@@ -33,6 +33,7 @@ HF_BASE = "https://huggingface.co/MrGiovanni/SuPreM/resolve/main/"
 # published architectures (what ``kwargs={}`` builds, spelled out)
 SWIN_KWARGS = {"feature_size": 48, "legacy_patch_merging": True}
 UNET_KWARGS = {"act": "relu", "batch_stats_always": True}
+DODNET_KWARGS = {"weight_std": True}
 SEGRESNET_KWARGS = {"init_filters": 16, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1], "dropout_prob": 0.0}
 
 
@@ -49,7 +50,8 @@ class CheckpointEntry:
     adapter: str | None             # key remapping, see adapters.ADAPTERS
     expected_tensors: int | None    # backbone state-dict entries that must load
     backbone_params: int | None = None   # exact parameter count without the head, where checked
-    head: str = "none"              # "conv" (plain 1x1 conv), "universal" (CLIP dynamic head), "pretext", "none"
+    head: str = "none"              # "conv" (plain 1x1 conv), "universal" (CLIP dynamic head),
+    #                                 "dynamic" (DoDNet task-conditioned head), "pretext", "none"
     head_classes: tuple[str, ...] | None = None   # class order of the head's output channels
     supported: bool = True
     unsupported_reason: str = ""
@@ -150,13 +152,15 @@ _ENTRIES: tuple[CheckpointEntry, ...] = (
                            "undocumented; no key-compatible network is implemented",
     ),
     CheckpointEntry(
-        name="dodnet", title="DoDNet", family=None, kwargs={}, params="17.29M", data="920 CT",
+        name="dodnet", title="DoDNet", family="dodnet", kwargs=DODNET_KWARGS, params="17.29M", data="920 CT",
         file="supervised_dodnet_unet_920.pth",
         url=_DBX + "wf5xuoqe2pa8xky6rwhv1/supervised_dodnet_unet_920.pth?rlkey=c6g94jxukuan4osxldbrpwbix&dl=0",
-        adapter=None, expected_tensors=None, supported=False, source="jianpengz/DoDNet",
-        unsupported_reason="not yet supported: DoDNet is a 3D ResNet-style U-Net with a task-conditioned "
-                           "dynamic head (17.29M params), not one of the suprem_unet/swinunetr/segresnet "
-                           "families; no key-compatible network is implemented",
+        adapter="dodnet", expected_tensors=103, backbone_params=17_285_920, head="dynamic",
+        source="jianpengz/DoDNet",
+        notes="DoDNet's saved state dict ([module.]<key>, possibly under 'model'); its dynamic head "
+              "(precls_conv, GAP, controller) is dropped and a plain cls_conv head starts random. Layout "
+              "inferred from the public DoDNet code (the parameter count matches the table); the file "
+              "itself was not available to check.",
     ),
     CheckpointEntry(
         name="universal_unet", title="Universal Model", family="suprem_unet", kwargs=UNET_KWARGS, params="19.08M",
