@@ -1,0 +1,83 @@
+"""Checkpoints: written atomically, readable with ``torch.load(..., weights_only=True)``.
+
+Contents: ``network_weights`` (unwrapped from DDP), ``optimizer_state``, ``scheduler_state``,
+``scaler_state``, ``epoch`` (the next epoch to run), ``rng_state`` (python / numpy / torch as
+tensors, lists and ints), ``logging`` (per-epoch lists), ``best_ema``, ``plans_name``, ``fold``.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from suprem_net.errors import InputError
+from suprem_net.io.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def rng_state() -> dict:
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(mt), gauss],
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, *, model, optimizer, schedule, scaler, epoch: int, history: dict,
+                    best_ema: float | None, plans_name: str, fold: str) -> None:
+    ckpt = {
+        "network_weights": unwrap(model).state_dict(),
+        "optimizer_state": optimizer.state_dict(),
+        "scheduler_state": schedule.state_dict(),
+        "scaler_state": scaler.state_dict() if scaler is not None else None,
+        "epoch": int(epoch),
+        "rng_state": rng_state(),
+        "logging": history,
+        "best_ema": best_ema,
+        "plans_name": plans_name,
+        "fold": str(fold),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+    log.debug("wrote %s", path)
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise InputError(path, "checkpoint not found") from None
+    except Exception as e:  # truncated / foreign file
+        raise InputError(path, f"cannot read checkpoint ({type(e).__name__}: {e})") from None
+
+
+def restore(ckpt: dict, *, model, optimizer, schedule, scaler) -> None:
+    unwrap(model).load_state_dict(ckpt["network_weights"])
+    optimizer.load_state_dict(ckpt["optimizer_state"])
+    schedule.load_state_dict(ckpt["scheduler_state"])
+    if scaler is not None and ckpt.get("scaler_state"):
+        scaler.load_state_dict(ckpt["scaler_state"])
+    set_rng_state(ckpt["rng_state"])

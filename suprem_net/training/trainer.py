@@ -1,0 +1,380 @@
+"""The training loop: build everything from the plan, train, validate, checkpoint, resume.
+
+Pieces live next door (data loader, loss, schedule, checkpoint, progress, distributed,
+splits, final validation); this module wires them together for one fold.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from suprem_net.data.dataset import CaseStore
+from suprem_net.data.loader import close_loader, make_loader
+from suprem_net.errors import SupremError
+from suprem_net.io.atomic import read_json, write_json
+from suprem_net.networks import build_network
+from suprem_net.training import checkpoint as ck
+from suprem_net.training import distributed as dd
+from suprem_net.training.losses import SegmentationLoss
+from suprem_net.training.progress import (
+    attach_log_file, detach_log_file, new_history, plot_progress, pseudo_dice, update_ema,
+)
+from suprem_net.training.schedules import EpochSchedule, make_optimizer
+from suprem_net.training.splits import fold_cases, load_or_create_splits
+
+log = logging.getLogger(__name__)
+
+ENCODER_PREFIXES = {
+    "nnunet": ("encoder.",), "resenc": ("encoder.",), "suprem_unet": ("down_tr",),
+    "swinunetr": ("swinViT.", "encoder"), "segresnet": ("convInit", "down_layers"),
+}
+MAX_NONFINITE = 5
+OVERRIDABLE = ("epochs", "iterations_per_epoch", "lr", "num_val_iterations")
+
+
+@dataclass
+class TrainConfig:
+    dataset: str                      # full dataset folder name
+    fold: str
+    preprocessed_root: Path
+    results_root: Path
+    plans_name: str = "suprem_plans"
+    overrides: dict = field(default_factory=dict)  # epochs, iterations_per_epoch, lr, num_val_iterations
+    batch_size: int | None = None
+    num_workers: int = 1
+    seed: int = 0
+    save_every: int = 1
+    resume: bool = False
+    precision: str = "auto"
+    device: str = "auto"
+    pretrained: str | None = None
+    freeze_encoder_epochs: int = 0
+    encoder_lr_scale: float = 1.0
+    elastic: bool = False
+    augment: bool = True
+    final_validation: bool = True
+    deterministic: bool = False
+    progress_bar: bool = True
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SupremError("--device cuda: no CUDA device available")
+    return torch.device(name)
+
+
+def precision_setup(precision: str, device: torch.device):
+    """(autocast dtype or None, GradScaler or None). CUDA auto: bf16 where supported, else fp16 + scaler."""
+    if device.type == "cuda":
+        if precision == "auto":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if precision == "fp16":
+            return torch.float16, torch.amp.GradScaler("cuda")
+        return (torch.bfloat16 if precision == "bf16" else None), None
+    if precision == "fp16":
+        raise SupremError("--precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    return (torch.bfloat16 if precision == "bf16" else None), None
+
+
+def parameter_groups(model: torch.nn.Module, family: str, encoder_lr_scale: float) -> tuple[list[dict], list]:
+    prefixes = ENCODER_PREFIXES.get(family, ())
+    enc, rest = [], []
+    for name, p in model.named_parameters():
+        (enc if name.startswith(prefixes) else rest).append(p)
+    groups = [{"params": rest, "lr_scale": 1.0, "name": "decoder"}]
+    if enc:
+        groups.insert(0, {"params": enc, "lr_scale": float(encoder_lr_scale), "name": "encoder"})
+    return groups, enc
+
+
+def effective_plan(plan: dict, cfg: TrainConfig, world_size: int) -> dict:
+    plan = {**plan, "training": dict(plan["training"])}
+    for k, v in cfg.overrides.items():
+        if v is not None:
+            if k not in OVERRIDABLE:
+                raise ValueError(k)
+            plan["training"][k] = v
+    if cfg.batch_size is not None:
+        plan["batch_size"] = int(cfg.batch_size)
+    if plan["batch_size"] < world_size:
+        raise SupremError(f"batch size {plan['batch_size']} is smaller than the {world_size} processes")
+    return plan
+
+
+def load_pretrained_weights(model, plan: dict, name_or_path: str, labels: dict) -> None:
+    try:
+        from suprem_net.weights import load_pretrained
+    except ImportError as e:
+        raise SupremError(f"--pretrained needs the weights module, which is not available ({e})") from None
+    report = load_pretrained(model, name_or_path, family=plan["network"]["family"], target_labels=labels)
+    log.info("pretrained %s", report.summary() if hasattr(report, "summary") else report)
+    if plan.get("preset") is None:
+        log.warning("the plan %s has no preset, so its spacing, orientation and intensity window differ from what "
+                    "the SuPreM backbone saw in pre-training; re-plan with: suprem_plan_and_preprocess -d %s "
+                    "--preset %s", plan["plans_name"], plan["dataset_name"][7:10].lstrip("0") or "0",
+                    plan["network"]["family"] if plan["network"]["family"] != "nnunet" else "suprem_unet")
+
+
+def _to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.as_tensor(np.ascontiguousarray(batch["data"]), dtype=torch.float32)
+    y = torch.as_tensor(np.ascontiguousarray(batch["seg"])).round().long()
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+class FoldTraining:
+    """State of one fold's run; :meth:`run` trains from the start or the latest checkpoint."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.device = select_device(cfg.device)
+        self.dist = dd.init_distributed(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        pp = cfg.preprocessed_root / cfg.dataset
+        plan_path = pp / f"{cfg.plans_name}.json"
+        if not plan_path.is_file():
+            raise SupremError(f"{plan_path}: no such plan (run suprem_plan_and_preprocess -d ... first, "
+                              "or pass --plans NAME)")
+        self.plan = effective_plan(read_json(plan_path), cfg, self.dist.world_size)
+        self.dataset_json = pp / "dataset.json"
+        self.model_dir = cfg.results_root / cfg.dataset / cfg.plans_name
+        self.fold_dir = self.model_dir / f"fold_{cfg.fold}"
+        self.store = CaseStore(pp / self.plan["data_identifier"])
+        if self.dist.is_main:
+            splits = load_or_create_splits(pp / "splits.json", self.store.case_ids)
+        dd.barrier(self.dist)
+        if not self.dist.is_main:
+            splits = read_json(pp / "splits.json")
+        self.train_ids, self.val_ids = fold_cases(splits, cfg.fold, self.store.case_ids)
+        self.tr = self.plan["training"]
+        self.epochs = int(self.tr["epochs"])
+        self.per_rank_batch = self.plan["batch_size"] // self.dist.world_size
+        self.history = new_history()
+        self.best_ema: float | None = None
+        self.start_epoch = 0
+        self.nonfinite_in_a_row = 0
+
+    # ---------------------------------------------------------------- setup
+    def build(self) -> None:
+        cfg, plan = self.cfg, self.plan
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.model = build_network(plan["network"], self.store.num_channels(), plan["num_classes"]).to(self.device)
+        family = plan["network"]["family"]
+        groups, self.encoder_params = parameter_groups(self.model, family, cfg.encoder_lr_scale)
+        if (cfg.freeze_encoder_epochs or cfg.encoder_lr_scale != 1.0) and not self.encoder_params:
+            raise SupremError(f"--freeze-encoder-epochs/--encoder-lr-scale: no encoder parameters found for {family}")
+        self.optimizer = make_optimizer(groups, self.tr)
+        self.schedule = EpochSchedule(self.optimizer, self.tr, self.epochs)
+        self.autocast_dtype, self.scaler = precision_setup(cfg.precision, self.device)
+        self.loss_fn = SegmentationLoss(plan["network"].get("kwargs", {}).get("strides")
+                                        if family in ("nnunet", "resenc") else None)
+        latest = self.fold_dir / "checkpoint_latest.pth"
+        if cfg.resume and latest.is_file():
+            state = ck.load_checkpoint(latest, map_location=self.device)
+            ck.restore(state, model=self.model, optimizer=self.optimizer, schedule=self.schedule, scaler=self.scaler)
+            self.start_epoch, self.best_ema = int(state["epoch"]), state["best_ema"]
+            self.history = {k: list(state["logging"].get(k, [])) for k in self.history}
+            log.info("resuming %s at epoch %d", latest, self.start_epoch)
+        else:
+            if cfg.resume:
+                log.warning("--continue: no %s, starting from scratch", latest)
+            if cfg.pretrained:
+                load_pretrained_weights(self.model, plan, cfg.pretrained, read_json(self.dataset_json)["labels"])
+        self.net = self.model
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
+    def _loaders(self) -> None:
+        nw = self.cfg.num_workers
+        common = dict(batch_size=self.per_rank_batch, seed=self.cfg.seed, rank=self.dist.rank,
+                      start_epoch=self.start_epoch, pin_memory=self.device.type == "cuda")
+        self.train_loader = make_loader(self.store, self.train_ids, self.plan, train=True, num_workers=nw,
+                                        iterations_per_epoch=int(self.tr["iterations_per_epoch"]),
+                                        elastic=self.cfg.elastic, augment=self.cfg.augment, **common)
+        self.val_loader = make_loader(self.store, self.val_ids, self.plan, train=False, num_workers=min(nw, 1),
+                                      iterations_per_epoch=int(self.tr["num_val_iterations"]), **common)
+
+    def _write_model_folder(self) -> None:
+        write_json(self.model_dir / "plans.json", self.plan)
+        shutil.copyfile(self.dataset_json, self.model_dir / "dataset.json")
+
+    # ---------------------------------------------------------------- steps
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, freeze_encoder: bool) -> float | None:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            out = self.net(x)
+            loss = self.loss_fn(out, y)
+        if not dd.all_true(bool(torch.isfinite(loss).item()), self.dist, self.device):
+            self.nonfinite_in_a_row += 1
+            log.warning("non-finite loss (%s), step skipped (%d in a row)", float(loss.item()), self.nonfinite_in_a_row)
+            if self.nonfinite_in_a_row >= MAX_NONFINITE:
+                raise SupremError(f"{MAX_NONFINITE} non-finite losses in a row: training diverged; lower --lr "
+                                  "or use --precision fp32")
+            return None
+        self.nonfinite_in_a_row = 0
+        clip = float(self.tr.get("grad_clip", 0) or 0)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if freeze_encoder:
+            for p in self.encoder_params:
+                p.grad = None
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return float(loss.detach().item())
+
+    @torch.no_grad()
+    def val_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
+        with self._autocast():
+            out = self.model(x)
+            loss = self.loss_fn(out, y)
+        logits = out[0] if isinstance(out, (list, tuple)) else out
+        pred = logits.argmax(1)
+        target = y[:, 0]
+        k = self.plan["num_classes"]
+        stats = torch.zeros(3, k - 1, dtype=torch.float64, device=self.device)
+        for c in range(1, k):
+            p, t = pred == c, target == c
+            stats[0, c - 1] = (p & t).sum()
+            stats[1, c - 1] = (p & ~t).sum()
+            stats[2, c - 1] = (~p & t).sum()
+        return float(loss.item()), stats
+
+    # ---------------------------------------------------------------- epochs
+    def run_epoch(self, epoch: int) -> None:
+        t0 = time.perf_counter()
+        lr = self.schedule.set_epoch(epoch)
+        freeze = epoch < self.cfg.freeze_encoder_epochs
+        self.net.train()
+        iters = int(self.tr["iterations_per_epoch"])
+        losses, wait = [], 0.0
+        bar = tqdm(total=iters, desc=f"epoch {epoch}/{self.epochs}", unit="it", leave=False,
+                   disable=not (self.dist.is_main and self.cfg.progress_bar))
+        for _ in range(iters):
+            tw = time.perf_counter()
+            x, y = _to_device(next(self.train_loader), self.device)
+            wait += time.perf_counter() - tw
+            loss = self.train_step(x, y, freeze)
+            if loss is not None:
+                losses.append(loss)
+                bar.set_postfix(loss=f"{loss:.4f}")
+            bar.update()
+        bar.close()
+        train_time = time.perf_counter() - t0
+        self.model.eval()
+        val_losses, stats = [], torch.zeros(3, self.plan["num_classes"] - 1, dtype=torch.float64, device=self.device)
+        for _ in range(int(self.tr["num_val_iterations"])):
+            tw = time.perf_counter()
+            x, y = _to_device(next(self.val_loader), self.device)
+            wait += time.perf_counter() - tw
+            vl, st = self.val_step(x, y)
+            val_losses.append(vl)
+            stats += st
+        dd.all_reduce_sum(stats, self.dist)
+        summary = torch.tensor([np.mean(losses) if losses else float("nan"), np.mean(val_losses) if val_losses
+                                else float("nan")], dtype=torch.float64, device=self.device)
+        summary = dd.all_reduce_sum(summary, self.dist) / self.dist.world_size
+        dice = pseudo_dice(*stats.cpu().numpy())
+        ema = update_ema(self.history, dice)
+        elapsed = time.perf_counter() - t0
+        h = self.history
+        h["train_loss"].append(float(summary[0]))
+        h["val_loss"].append(float(summary[1]))
+        h["pseudo_dice"].append(dice)
+        h["ema_dice"].append(float(ema))
+        h["lr"].append(float(lr))
+        h["epoch_time"].append(float(elapsed))
+        h["data_wait"].append(float(wait / elapsed))
+        log.info("epoch %d: train loss %.4f, val loss %.4f, pseudo Dice %s, EMA %.4f, lr %.2e, %.1f s "
+                 "(%.2f s/it, %.0f%% waiting for data)", epoch, summary[0], summary[1],
+                 [round(d, 4) for d in dice], ema, lr, elapsed, train_time / iters, 100 * wait / elapsed)
+
+    def _save(self, name: str, next_epoch: int) -> None:
+        if self.dist.is_main:
+            ck.save_checkpoint(self.fold_dir / name, model=self.model, optimizer=self.optimizer,
+                               schedule=self.schedule, scaler=self.scaler, epoch=next_epoch, history=self.history,
+                               best_ema=self.best_ema, plans_name=self.plan["plans_name"], fold=self.cfg.fold)
+
+    def _end_of_epoch(self, epoch: int) -> None:
+        ema = self.history["ema_dice"][-1]
+        if self.best_ema is None or ema > self.best_ema:
+            self.best_ema = ema
+            log.info("new best EMA pseudo Dice %.4f", ema)
+            self._save("checkpoint_best.pth", epoch + 1)
+        if (epoch + 1) % max(1, self.cfg.save_every) == 0 or epoch + 1 == self.epochs:
+            self._save("checkpoint_latest.pth", epoch + 1)
+        if self.dist.is_main:
+            labels = read_json(self.dataset_json)["labels"]
+            names = [n for n, v in sorted(labels.items(), key=lambda kv: kv[1]) if v != 0]
+            plot_progress(self.history, self.fold_dir / "progress.png", names)
+
+    def run(self) -> dict:
+        handler = attach_log_file(self.fold_dir / "training_log.txt") if self.dist.is_main else None
+        try:
+            self.build()
+            if self.dist.is_main:
+                self._write_model_folder()
+                log.info("fold %s: %d training, %d validation cases; %d epochs x %d iterations, batch %d (%d per "
+                         "process), patch %s, %s on %s", self.cfg.fold, len(self.train_ids), len(self.val_ids),
+                         self.epochs, self.tr["iterations_per_epoch"], self.plan["batch_size"], self.per_rank_batch,
+                         self.plan["patch_size"], self.plan["network"]["family"], self.device)
+            self._loaders()
+            epoch = self.start_epoch
+            try:
+                while epoch < self.epochs:
+                    self.run_epoch(epoch)
+                    self._end_of_epoch(epoch)
+                    epoch += 1
+            except KeyboardInterrupt:
+                log.warning("interrupted in epoch %d: saving checkpoint_latest.pth (that epoch restarts on "
+                            "--continue)", epoch)
+                self._save("checkpoint_latest.pth", epoch)
+                raise
+            finally:
+                close_loader(self.train_loader)
+                close_loader(self.val_loader)
+            self._save("checkpoint_final.pth", self.epochs)
+            result = {"epochs": self.epochs, "best_ema": self.best_ema, "history": self.history,
+                      "fold_dir": str(self.fold_dir)}
+            if self.cfg.final_validation and self.dist.is_main:
+                from suprem_net.training.validation import validate_fold
+
+                result["validation"] = validate_fold(self.plan, self.model, self.store, self.val_ids,
+                                                     self.fold_dir / "validation", self.device)
+            dd.barrier(self.dist)
+            return result
+        finally:
+            if handler is not None:
+                detach_log_file(handler)
+            dd.cleanup(self.dist)
+
+
+def train_fold(cfg: TrainConfig) -> dict:
+    """Train one fold as configured; returns the history and where the outputs are."""
+    return FoldTraining(cfg).run()
