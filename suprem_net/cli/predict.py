@@ -1,0 +1,157 @@
+"""suprem_predict: segment CT images with a trained model folder (see docs/predict.md)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from pathlib import Path
+
+from suprem_net.cli._common import setup_logging, user_errors_exit_2
+from suprem_net.errors import SupremError
+from suprem_net.io.image import IMAGE_ENDINGS
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="suprem_predict",
+        description="Segment one image, a folder of images (CASE_0000.nii.gz), a folder of case folders "
+                    "(CASE/ct.nii.gz) or a DICOM series folder. Outputs have exactly the input's geometry; "
+                    "cases whose output exists are skipped unless --overwrite.")
+    p.add_argument("-i", "--input", required=True, help="image file, folder of images/cases, or DICOM series folder")
+    p.add_argument("-o", "--output", required=True,
+                   help="output folder (or, for a single-case input, an image file name such as seg.nii.gz)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("-m", "--model", help="model folder RESULTS/DatasetXXX/<plans_name>")
+    src.add_argument("-d", "--dataset", help="dataset number or name: the model folder in the results folder")
+    src.add_argument("--pretrained", choices=["suprem_swinunetr", "suprem_unet"],
+                     help="zero-shot prediction with a pre-trained SuPreM model (not yet supported)")
+    p.add_argument("--plans", default="suprem_plans", help="plans name with -d (default suprem_plans)")
+    p.add_argument("--results", help="results folder with -d (default: $SUPREM_results, else ./suprem_data/results)")
+    p.add_argument("-f", "--folds", nargs="+", default=["0"], help="folds to ensemble (default 0)")
+    p.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file name in each fold folder")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast precision of the network (default: fp16 on CUDA, fp32 elsewhere)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+                   help="mirroring test-time augmentation over the 3 axes (default on; --no-tta is 8x faster)")
+    p.add_argument("--step-size", type=float, default=0.5, help="tile step as a fraction of the patch (default 0.5)")
+    p.add_argument("--tile-batch-size", type=int, default=None,
+                   help="tiles per forward (default: the plan's batch size; 1 for batch-statistics networks)")
+    p.add_argument("--lcc", action="store_true",
+                   help="keep only the largest connected component of every class (default: as postprocessing.json says)")
+    p.add_argument("--per-organ", action="store_true",
+                   help="AbdomenAtlas layout: OUTPUT/CASE/segmentations/<class>.nii.gz + combined_labels.nii.gz")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write CASE.npz with float16 softmax probabilities (K, Z, Y, X) in the original geometry")
+    p.add_argument("--preview", action="store_true", help="also write CASE.png with three views and a legend")
+    p.add_argument("--overwrite", action="store_true", help="predict cases whose output already exists")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def _model_dir(args) -> Path:
+    from suprem_net.paths import location
+
+    if args.model:
+        return Path(args.model)
+    if not args.dataset:
+        raise SupremError("give a model folder (-m) or a dataset (-d)")
+    results = location("results", args.results)
+    ds = str(args.dataset)
+    if not re.fullmatch(r"Dataset\d{3}_.+", ds):
+        if not re.fullmatch(r"\d{1,3}", ds):
+            raise SupremError(f"dataset {ds!r}: give a number (e.g. 3) or a full name (e.g. Dataset003_Liver)")
+        prefix = f"Dataset{int(ds):03d}_"
+        found = sorted(d.name for d in results.glob(prefix + "*") if d.is_dir()) if results.is_dir() else []
+        if len(found) != 1:
+            raise SupremError(f"dataset {ds}: {'no' if not found else 'several'} folder(s) {prefix}* in {results}"
+                              + (f": {', '.join(found)}" if found else ""))
+        ds = found[0]
+    return results / ds / args.plans
+
+
+def _is_within(child: Path, parent: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+@user_errors_exit_2
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    if args.pretrained:
+        raise SupremError(f"--pretrained {args.pretrained}: zero-shot prediction is not yet supported "
+                          "(fine-tune with suprem_train and use -m/-d)")
+    if args.step_size <= 0 or args.step_size > 1:
+        raise SupremError(f"--step-size {args.step_size}: must be in (0, 1]")
+    if args.tile_batch_size is not None and args.tile_batch_size < 1:
+        raise SupremError("--tile-batch-size must be at least 1")
+
+    from tqdm import tqdm
+
+    from suprem_net.inference import export
+    from suprem_net.inference.inputs import discover_cases, read_case
+    from suprem_net.inference.predictor import Predictor
+    from suprem_net.inference.preview import write_preview
+    from suprem_net.io.atomic import read_json
+
+    inp, out = Path(args.input), Path(args.output)
+    model_dir = _model_dir(args)
+    if not model_dir.is_dir():
+        raise SupremError(f"{model_dir}: model folder not found")
+    plan = read_json(model_dir / "plans.json")
+    cases = discover_cases(inp, num_channels=len(plan["channel_names"]))
+    out_is_file = any(out.name.endswith(e) for e in IMAGE_ENDINGS) and not args.per_organ
+    if out_is_file and len(cases) > 1:
+        raise SupremError(f"{out}: several cases in the input, give an output folder")
+    if inp.is_dir() and _is_within(out, inp):
+        raise SupremError(f"{out}: the output must not lie inside the input folder {inp}")
+    if inp.is_file() and out.exists() and out.resolve() == inp.resolve():
+        raise SupremError(f"{out}: the output would overwrite the input")
+
+    def target(case) -> Path:
+        if args.per_organ:
+            return out / case.name / "combined_labels.nii.gz"
+        if out_is_file:
+            return out
+        return out / f"{case.name}{case.ending}"
+
+    todo = [c for c in cases if args.overwrite or not target(c).exists()]
+    print(f"{len(cases)} case(s) in {inp}, {len(cases) - len(todo)} already done, predicting {len(todo)}")
+    if not todo:
+        return 0
+    predictor = Predictor.from_model_dir(model_dir, folds=args.folds, checkpoint=args.checkpoint,
+                                         device=args.device, tta=args.tta, step_size=args.step_size,
+                                         tile_batch_size=args.tile_batch_size, precision=args.precision,
+                                         lcc=True if args.lcc else None)
+    names = predictor.class_names
+    ct = all(n.get("scheme") == "ct" for n in plan["normalization"])
+    for case in tqdm(todo, unit="case", disable=len(todo) < 2):
+        images, geo = read_case(case)
+        labels, probs = predictor.predict_case(images, geo, probabilities=args.save_probabilities)
+        if out_is_file:
+            stem = out.parent / next(out.name[: -len(e)] for e in IMAGE_ENDINGS if out.name.endswith(e))
+        else:
+            stem = out / case.name
+        if args.save_probabilities:
+            export.write_probabilities(Path(f"{stem}.npz") if not args.per_organ else out / case.name / "probabilities.npz",
+                                       probs, names)
+        if args.preview:
+            png = Path(f"{stem}.png") if not args.per_organ else out / case.name / "preview.png"
+            write_preview(png, images[0], labels, geo, names, window=(-160.0, 240.0) if ct else None, title=case.name)
+        if args.per_organ:
+            export.write_per_organ(out / case.name, labels, geo, names)
+        else:
+            export.write_labels(target(case), labels, geo)
+        logger.debug("%s -> %s", case.source, target(case))
+    print(f"wrote {len(todo)} case(s) to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""The predictor: a plan plus one model per fold, applied to whole cases.
+
+``Predictor.from_model_dir(RESULTS/DatasetXXX/<plans_name>)`` loads ``plans.json`` and
+``fold_<F>/<checkpoint>`` (``{"network_weights": state_dict}``, loaded with
+``weights_only=True``); ``Predictor.from_model(plan, model)`` wraps a model in memory (the
+trainer's final validation). Folds are ensembled by the mean of their logits.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from suprem_net.errors import SupremError
+from suprem_net.inference.export import revert_logits
+from suprem_net.inference.inputs import Case, read_case
+from suprem_net.inference.postprocessing import keep_largest_component, read_lcc_classes
+from suprem_net.inference.sliding_window import SlidingWindow
+from suprem_net.io.atomic import read_json
+from suprem_net.io.image import Geometry
+from suprem_net.networks import build_network
+from suprem_net.preprocessing.case import preprocess_case
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> cuda if available, else mps, else cpu; unavailable devices are a user error."""
+    name = str(device)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SupremError("--device cuda: no CUDA GPU is available (use --device cpu)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise SupremError("--device mps: MPS is not available (use --device cpu)")
+    return dev
+
+
+def batch_independent(plan: dict) -> bool:
+    """False for networks that normalise with the statistics of the batch (tiles go one by one)."""
+    net = plan["network"]
+    return not (net["family"] == "suprem_unet" and net.get("kwargs", {}).get("batch_stats_always", True))
+
+
+def _prepare(model: nn.Module, device: torch.device) -> nn.Module:
+    decoder = getattr(model, "decoder", None)
+    if decoder is not None and hasattr(decoder, "deep_supervision"):
+        decoder.deep_supervision = False  # dynamic-network-architectures: full resolution only
+    return model.to(device).eval()
+
+
+def load_state_dict(path: Path) -> dict:
+    if not path.is_file():
+        raise SupremError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling problem is a bad file
+        raise SupremError(f"{path}: cannot load checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:150]})") from None
+    if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
+        raise SupremError(f"{path}: not a suprem_net checkpoint (no 'network_weights')")
+    state = ckpt["network_weights"]
+    out = {}
+    for k, v in state.items():
+        for prefix in ("_orig_mod.", "module."):  # torch.compile / DDP wrappers
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+class Predictor:
+    """Sliding-window prediction of whole cases with one or more models (folds)."""
+
+    def __init__(self, plan: dict, models: Sequence[nn.Module], *, device: str | torch.device = "auto",
+                 tta: bool = True, step_size: float = 0.5, tile_batch_size: int | None = None,
+                 precision: str = "auto", lcc_classes: Sequence[int] = ()) -> None:
+        self.plan = plan
+        self.device = resolve_device(device)
+        self.models = [_prepare(m, self.device) for m in models]
+        self.lcc_classes = list(lcc_classes)
+        if precision == "auto":
+            precision = "fp16" if self.device.type == "cuda" else "fp32"
+        if precision not in PRECISIONS:
+            raise SupremError(f"--precision {precision}: choose one of auto, {', '.join(PRECISIONS)}")
+        independent = batch_independent(plan)
+        if tile_batch_size is None:
+            tile_batch_size = int(plan.get("batch_size", 1)) if independent else 1
+        elif not independent and tile_batch_size != 1:
+            logger.warning("%s normalises with batch statistics: tiles go through one at a time",
+                           plan["network"]["family"])
+        self.window = SlidingWindow(plan["patch_size"], plan["num_classes"], step_size=step_size,
+                                    tile_batch_size=tile_batch_size, mirror_axes=(0, 1, 2) if tta else None,
+                                    batch_independent=independent, device=self.device,
+                                    autocast_dtype=PRECISIONS[precision])
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, folds: Sequence[str | int] = ("0",),
+                       checkpoint: str = "checkpoint_final.pth", device: str = "auto", tta: bool = True,
+                       step_size: float = 0.5, tile_batch_size: int | None = None, precision: str = "auto",
+                       lcc: bool | None = None) -> "Predictor":
+        """Load ``plans.json`` and ``fold_<F>/<checkpoint>`` for each fold of ``model_dir``.
+
+        ``lcc``: None = follow the folder's ``postprocessing.json``; True = LCC on every class;
+        False = none.
+        """
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise SupremError(f"{model_dir}: model folder not found")
+        plan = read_json(model_dir / "plans.json")
+        if not folds:
+            raise SupremError(f"{model_dir}: no folds given")
+        models = []
+        for f in folds:
+            fold_dir = model_dir / f"fold_{f}"
+            if not fold_dir.is_dir():
+                have = sorted(p.name for p in model_dir.glob("fold_*") if p.is_dir())
+                raise SupremError(f"{fold_dir}: fold {f} not found (have: {', '.join(have) or 'none'})")
+            net = build_network(plan["network"], len(plan["channel_names"]), plan["num_classes"])
+            try:
+                net.load_state_dict(load_state_dict(fold_dir / checkpoint))
+            except RuntimeError as e:
+                raise SupremError(f"{fold_dir / checkpoint}: weights do not fit the plan's network "
+                                  f"({str(e).splitlines()[0][:150]})") from None
+            models.append(net)
+        if lcc is None:
+            lcc_classes = read_lcc_classes(model_dir)
+        else:
+            lcc_classes = list(range(1, plan["num_classes"])) if lcc else []
+        logger.info("model %s: folds %s, %s", model_dir, ", ".join(str(f) for f in folds), checkpoint)
+        return cls(plan, models, device=device, tta=tta, step_size=step_size, tile_batch_size=tile_batch_size,
+                   precision=precision, lcc_classes=lcc_classes)
+
+    @classmethod
+    def from_model(cls, plan: dict, model: nn.Module, device: str = "auto", tta: bool = False,
+                   step_size: float = 0.5, tile_batch_size: int | None = None) -> "Predictor":
+        """Wrap a model already in memory (e.g. at the end of training)."""
+        return cls(plan, [model], device=device, tta=tta, step_size=step_size, tile_batch_size=tile_batch_size)
+
+    # -- prediction ---------------------------------------------------------------------
+    @property
+    def class_names(self) -> dict[int, str]:
+        return {int(v): k for k, v in self.plan["labels"].items()}
+
+    def _logits(self, data: np.ndarray) -> torch.Tensor:
+        """Mean logits over the folds, on the accumulation device (see sliding_window)."""
+        was_training = [m.training for m in self.models]
+        total = None
+        try:
+            for m in self.models:
+                m.eval()
+                out = self.window(m, data)
+                if total is None:
+                    total = out
+                else:
+                    total += out.to(total.device, total.dtype)
+        finally:
+            for m, t in zip(self.models, was_training):
+                m.train(t)
+        if len(self.models) > 1:
+            total /= len(self.models)
+        return total
+
+    def predict_logits(self, data: np.ndarray) -> torch.Tensor:
+        """Logits (K, Z, Y, X) float32 on the CPU for a preprocessed case ``data`` (C, Z, Y, X)."""
+        return self._logits(data).float().cpu()
+
+    def predict_case(self, images: list[np.ndarray], geometry: Geometry,
+                     probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Label map uint8 (Z, Y, X) in ``geometry`` (and float16 probabilities (K, Z, Y, X) if asked)."""
+        data, _, props = preprocess_case(images, geometry, self.plan)
+        logits = self._logits(data)
+        del data
+        labels, probs = revert_logits(logits, props, probabilities=probabilities)
+        del logits
+        if self.lcc_classes:
+            keep_largest_component(labels, self.lcc_classes)
+        return labels, probs
+
+    def predict_files(self, image_paths: Sequence[str | Path]) -> tuple[np.ndarray, Geometry]:
+        """Predict one case given its channel files; returns (uint8 label map, geometry)."""
+        paths = [Path(p) for p in image_paths]
+        images, geo = read_case(Case(name=paths[0].name, files=paths))
+        labels, _ = self.predict_case(images, geo)
+        return labels, geo
