@@ -155,6 +155,22 @@ def test_dodnet_architecture():
         assert m(torch.randn(1, 1, 32, 32, 32)).shape == (1, 4, 32, 32, 32)
 
 
+def test_med3d_architecture():
+    m = build_network({"family": "med3d", "kwargs": {}}, 1, 2)
+    assert family_module("med3d").DIVISOR == 8
+    assert n_params(m) == 85_753_376  # the model table's 85.75M
+    assert n_params(m, "conv_seg.") == 85_201_216
+    sd = m.state_dict()
+    assert len(sd) == 638
+    assert sd["conv1.weight"].shape == (64, 1, 7, 7, 7)
+    assert sd["layer3.22.conv3.weight"].shape == (1024, 256, 1, 1, 1)
+    assert sd["layer4.0.downsample.0.weight"].shape == (2048, 1024, 1, 1, 1)
+    assert m.layer4[1].conv2.dilation == (4, 4, 4)
+    m.eval()
+    with torch.no_grad():
+        assert m(torch.randn(1, 1, 16, 16, 16)).shape == (1, 2, 16, 16, 16)
+
+
 def test_segresnet_architecture():
     m = build_network({"family": "segresnet", "kwargs": {}}, 1, 25)
     assert n_params(m) == 4_701_305

@@ -246,7 +246,20 @@ def test_dodnet_layout(weights_dir):
     assert_loaded(model, backbone, report)
 
 
-@pytest.mark.parametrize("name", ["unimiss_tiny", "unimiss_small", "med3d"])
+def test_med3d_layout(weights_dir):
+    gen = torch.Generator().manual_seed(9)
+    model = build_network({"family": "med3d"}, 1, 3)
+    encoder = _backbone(model, "conv_seg.", gen)
+    assert len(encoder) == 624
+    sd = OrderedDict((f"module.{k}", v) for k, v in encoder.items())
+    sd["module.conv_seg.6.weight"] = torch.randn(8, 32, 1, 1, 1)  # another task's classes
+    torch.save({"state_dict": sd, "epoch": 200}, weights_dir / "supervised_med3D_residual_unet_1623.pth")
+    report = load_pretrained(model, "med3d")
+    assert len(report.loaded) == 624 and list(report.skipped) == ["module.conv_seg.6.weight"]
+    assert_loaded(model, encoder, report)
+
+
+@pytest.mark.parametrize("name", ["unimiss_tiny", "unimiss_small"])
 def test_foreign_architectures_refused(unet, name):
     with pytest.raises(SupremError, match="not yet supported"):
         load_pretrained(unet, name)

@@ -22,6 +22,7 @@ FAMILIES: dict[str, str] = {
     "swinunetr": "swinunetr",
     "segresnet": "segresnet",
     "dodnet": "dodnet",
+    "med3d": "med3d",
 }
 
 

@@ -99,6 +99,19 @@ def dodnet(sd: dict[str, torch.Tensor], head_key: str | None) -> Adapted:
     return out
 
 
+def med3d(sd: dict[str, torch.Tensor], head_key: str | None) -> Adapted:
+    """Med3D / MedicalNet: ``[module.]<key>``; the last head conv (task-specific classes) is dropped,
+    the class-agnostic ``conv_seg`` layers before it load when the file has them."""
+    out = Adapted()
+    for k, v in sd.items():
+        key = _strip(k, "module.")
+        if key.startswith("conv_seg.6."):
+            out.skip(k, "MedicalNet segmentation output layer (classes of its pre-training task)")
+        else:
+            out.tensors[key] = v
+    return out
+
+
 _TANG_TOP = re.compile(r"^(patch_embed|layers[1-4]|pos_drop)\.")
 
 
@@ -172,6 +185,7 @@ ADAPTERS: dict[str, Callable[[dict[str, torch.Tensor], str | None], Adapted]] = 
     "swin_ssl_tang": swin_ssl_tang,
     "swin_ssl_monai50k": swin_ssl_monai50k,
     "dodnet": dodnet,
+    "med3d": med3d,
     "plain": plain,
 }
 
@@ -202,4 +216,6 @@ def infer_family(keys: list[str]) -> str | None:
             return "segresnet"
         if k.startswith("x8_resb."):
             return "dodnet"
+        if k.startswith("layer4.0.conv3."):
+            return "med3d"
     return None

@@ -129,6 +129,7 @@ def model_family(model: nn.Module) -> str | None:
     from monai.networks.nets import SegResNet, SwinUNETR
 
     from suprem_net.networks.dodnet import DoDNetUNet3D
+    from suprem_net.networks.med3d import Med3DResNet
     from suprem_net.networks.suprem_unet import SupremUNet3D
 
     model = getattr(model, "_orig_mod", model)
@@ -140,6 +141,8 @@ def model_family(model: nn.Module) -> str | None:
         return "segresnet"
     if isinstance(model, DoDNetUNet3D):
         return "dodnet"
+    if isinstance(model, Med3DResNet):
+        return "med3d"
     return None
 
 

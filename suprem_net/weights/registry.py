@@ -34,6 +34,7 @@ HF_BASE = "https://huggingface.co/MrGiovanni/SuPreM/resolve/main/"
 SWIN_KWARGS = {"feature_size": 48, "legacy_patch_merging": True}
 UNET_KWARGS = {"act": "relu", "batch_stats_always": True}
 DODNET_KWARGS = {"weight_std": True}
+MED3D_KWARGS = {"layers": [3, 4, 23, 3]}
 SEGRESNET_KWARGS = {"init_filters": 16, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1], "dropout_prob": 0.0}
 
 
@@ -142,14 +143,16 @@ _ENTRIES: tuple[CheckpointEntry, ...] = (
                            "SuPreM-repackaged key layout could not be verified without the file",
     ),
     CheckpointEntry(
-        name="med3d", title="Med3D", family=None, kwargs={}, params="85.75M", data="1638 CT",
+        name="med3d", title="Med3D", family="med3d", kwargs=MED3D_KWARGS, params="85.75M", data="1638 CT",
         file="supervised_med3D_residual_unet_1623.pth",
         url=_DBX + "dv2u26f5ibwvkd0wgf8sj/supervised_med3D_residual_unet_1623.pth"
                    "?rlkey=h7ddvgilv27esypjh8w4hrhgb&dl=0",
-        adapter=None, expected_tensors=None, supported=False, source="Tencent/MedicalNet",
-        unsupported_reason="not yet supported: Med3D is a MedicalNet 3D ResNet encoder with a residual U-Net "
-                           "decoder (85.75M params) whose exact depth and decoder layout in this file are "
-                           "undocumented; no key-compatible network is implemented",
+        adapter="med3d", expected_tensors=624, backbone_params=85_201_216, head="none",
+        source="Tencent/MedicalNet",
+        notes="MedicalNet 3D ResNet-101 (the parameter count with its conv_seg head matches the table's 85.75M); "
+              "checkpoint['state_dict'] with module.<key> assumed as in MedicalNet's releases (not checked "
+              "against the file). The 624 encoder entries must load; conv_seg layers before the output "
+              "conv load when present.",
     ),
     CheckpointEntry(
         name="dodnet", title="DoDNet", family="dodnet", kwargs=DODNET_KWARGS, params="17.29M", data="920 CT",
