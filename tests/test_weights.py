@@ -377,3 +377,12 @@ def test_cli_check(weights_dir, capsys, tmp_path):
     torch.save(segresnet(4).state_dict(), plain)
     assert weights_main(["check", str(plain), "--num-classes", "4"]) == 0
     assert "loaded      83" in capsys.readouterr().out
+
+
+def test_wrapped_model_is_unwrapped(weights_dir):
+    net = OrderedDict((f"module.{k}", v) for k, v in segresnet(32).state_dict().items())
+    torch.save({"net": net}, weights_dir / "supervised_suprem_segresnet_2100.pth")
+    wrapped = nn.DataParallel(segresnet(3))
+    report = load_pretrained(wrapped, "suprem_segresnet")
+    assert len(report.loaded) == 81 and report.family == "segresnet"
+    assert torch.equal(wrapped.module.state_dict()["convInit.conv.weight"], net["module.convInit.conv.weight"])

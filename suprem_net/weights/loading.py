@@ -124,6 +124,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The network inside DataParallel / DistributedDataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def model_family(model: nn.Module) -> str | None:
     """The family of a network built by :mod:`suprem_net.networks`, or ``None``."""
     from monai.networks.nets import SegResNet, SwinUNETR
@@ -132,7 +143,7 @@ def model_family(model: nn.Module) -> str | None:
     from suprem_net.networks.med3d import Med3DResNet
     from suprem_net.networks.suprem_unet import SupremUNet3D
 
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap_model(model)
     if isinstance(model, SupremUNet3D):
         return "suprem_unet"
     if isinstance(model, SwinUNETR):
@@ -165,6 +176,7 @@ def load_pretrained(model: nn.Module, name_or_path: str | os.PathLike, family: s
     a family mismatch, a registry source that loads fewer backbone tensors than expected, or a
     file of which nothing loads.
     """
+    model = unwrap_model(model)
     text = str(name_or_path)
     entry = get_entry(text)
     if entry is not None and not entry.supported:

@@ -128,9 +128,10 @@ _ENTRIES: tuple[CheckpointEntry, ...] = (
         url=_DBX + "joxv6gwhizcg5pmgxtoy7/self_supervised_unimiss_nnunet_tiny_5022.pth"
                    "?rlkey=kj2wzl6t5fxfkxuwl18r1jfer&dl=0",
         adapter=None, expected_tensors=None, supported=False, source="YtongXie/UniMiSS-code",
-        unsupported_reason="not yet supported: UniMiSS is a 2D/3D mixed transformer (MiT) encoder with its own "
-                           "decoder, not one of the suprem_unet/swinunetr/segresnet families, and its "
-                           "SuPreM-repackaged key layout could not be verified without the file",
+        unsupported_reason="not yet supported: UniMiSS is a mixed 2D/3D transformer (MiT) encoder with its own "
+                           "decoder, none of the implemented families; the table gives no parameter count and the "
+                           "key layout of this repackaged file is undocumented, so a re-implementation could not "
+                           "be checked",
     ),
     CheckpointEntry(
         name="unimiss_small", title="UniMiSS (small)", family=None, kwargs={}, params="small", data="5022 CT&MRI",
@@ -138,9 +139,10 @@ _ENTRIES: tuple[CheckpointEntry, ...] = (
         url=_DBX + "mej5qfc5w6dmtsgn7hsbs/self_supervised_unimiss_nnunet_small_5022.pth"
                    "?rlkey=k0hzktopzh8ih20aou241r9rb&dl=0",
         adapter=None, expected_tensors=None, supported=False, source="YtongXie/UniMiSS-code",
-        unsupported_reason="not yet supported: UniMiSS is a 2D/3D mixed transformer (MiT) encoder with its own "
-                           "decoder, not one of the suprem_unet/swinunetr/segresnet families, and its "
-                           "SuPreM-repackaged key layout could not be verified without the file",
+        unsupported_reason="not yet supported: UniMiSS is a mixed 2D/3D transformer (MiT) encoder with its own "
+                           "decoder, none of the implemented families; the table gives no parameter count and the "
+                           "key layout of this repackaged file is undocumented, so a re-implementation could not "
+                           "be checked",
     ),
     CheckpointEntry(
         name="med3d", title="Med3D", family="med3d", kwargs=MED3D_KWARGS, params="85.75M", data="1638 CT",
