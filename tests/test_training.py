@@ -1,0 +1,151 @@
+"""suprem_train on a tiny synthetic dataset: outputs, exact resume after SIGKILL, DDP on gloo."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from suprem_net.cli.plan_and_preprocess import main as plan_main
+from suprem_net.synthetic import SyntheticSpec, write_raw_dataset
+from suprem_net.training.losses import SegmentationLoss, deep_supervision_scales, deep_supervision_weights
+from suprem_net.training.schedules import lr_factor
+from suprem_net.training.splits import fold_cases, make_splits
+
+DS = "Dataset901_SynthAbdomen"
+TINY_NET = {"family": "nnunet", "deep_supervision": True, "kwargs": {
+    "n_stages": 2, "features_per_stage": [4, 8], "kernel_sizes": [[3, 3, 3], [3, 3, 3]],
+    "strides": [[1, 1, 1], [2, 2, 2]], "n_conv_per_stage": [1, 1], "n_conv_per_stage_decoder": [1]}}
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    spec = SyntheticSpec(num_cases=4, num_classes=2, fov_mm=(60, 80, 80), inplane_spacing=(2, 2), z_spacing=(3, 3))
+    write_raw_dataset(root / "raw", 901, spec, num_test=0)
+    plan_main(["-d", "901", "--raw", str(root / "raw"), "--preprocessed", str(root / "pp"), "--device", "cpu",
+               "-np", "1"])
+    plan_path = root / "pp" / DS / "suprem_plans.json"
+    plan = json.loads(plan_path.read_text())
+    plan["network"] = TINY_NET
+    plan["patch_size"] = [16, 16, 16]
+    plan["batch_size"] = 2
+    plan["training"].update({"epochs": 3, "iterations_per_epoch": 3, "num_val_iterations": 2})
+    plan_path.write_text(json.dumps(plan))
+    return root
+
+
+def _cmd(root: Path, results: Path, *extra: str) -> list[str]:
+    return ["901", "0", "--raw", str(root / "raw"), "--preprocessed", str(root / "pp"), "--results", str(results),
+            "--num-workers", "0", "--skip-final-validation", "--no-progress-bar", *extra]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["network_weights"]
+
+
+def test_losses_and_schedules():
+    assert deep_supervision_weights(3) == pytest.approx([2 / 3, 1 / 3, 0])
+    assert deep_supervision_scales([[1, 1, 1], [1, 2, 2], [2, 2, 2]], 3) == [[1, 1, 1], [1, 2, 2], [2, 4, 4]]
+    target = torch.zeros(2, 1, 8, 8, 8, dtype=torch.long)
+    target[:, :, 2:6, 2:6, 2:6] = 1
+    perfect = torch.nn.functional.one_hot(target[:, 0], 2).movedim(-1, 1).float() * 40
+    loss = SegmentationLoss([[1, 1, 1], [2, 2, 2]])
+    outputs = [perfect, perfect[:, :, ::2, ::2, ::2]]
+    assert float(loss(outputs, target)) < 1e-3
+    assert float(loss(-perfect, target)) > 1.0
+    assert lr_factor({"schedule": "poly"}, 0, 10) == 1.0
+    cos = {"schedule": "warmup_cosine", "warmup_epochs": 2}
+    assert lr_factor(cos, 0, 10) < lr_factor(cos, 2, 10) == pytest.approx(1.0)
+
+
+def test_splits_are_seeded_and_disjoint():
+    ids = [f"c{i:02d}" for i in range(12)]
+    s = make_splits(ids)
+    assert s == make_splits(list(reversed(ids))) and len(s) == 5
+    assert sorted(c for f in s for c in f["val"]) == ids
+    for f in s:
+        assert not set(f["train"]) & set(f["val"])
+    assert fold_cases(s, "all", ids) == (ids, ids)
+
+
+def test_train_outputs_and_checkpoint_keys(tiny_root, tmp_path):
+    from suprem_net.cli.train import main
+
+    results = tmp_path / "results"
+    assert main(_cmd(tiny_root, results, "--epochs", "2")) == 0
+    model_dir = results / DS / "suprem_plans"
+    fold = model_dir / "fold_0"
+    for name in ("plans.json", "dataset.json"):
+        assert (model_dir / name).is_file()
+    for name in ("checkpoint_latest.pth", "checkpoint_best.pth", "checkpoint_final.pth", "training_log.txt",
+                 "progress.png"):
+        assert (fold / name).is_file(), name
+    ckpt = torch.load(fold / "checkpoint_final.pth", weights_only=True)
+    assert set(ckpt) >= {"network_weights", "optimizer_state", "scheduler_state", "scaler_state", "epoch",
+                         "rng_state", "logging", "best_ema", "plans_name", "fold"}
+    assert ckpt["epoch"] == 2 and len(ckpt["logging"]["pseudo_dice"]) == 2
+    assert json.loads((model_dir / "plans.json").read_text())["training"]["epochs"] == 2
+    assert "epoch 1" in (fold / "training_log.txt").read_text()
+    assert (tiny_root / "pp" / DS / "splits.json").is_file()
+
+
+def test_sigkill_and_continue_matches_uninterrupted(tiny_root, tmp_path):
+    base = [sys.executable, "-m", "suprem_net.cli.train"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(base + _cmd(tiny_root, straight, "--epochs", "4"), check=True, env=_env(), capture_output=True)
+    proc = subprocess.Popen(base + _cmd(tiny_root, killed, "--epochs", "4"), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = killed / DS / "suprem_plans" / "fold_0" / "checkpoint_latest.pth"
+    t0 = time.time()
+    while not latest.exists() and proc.poll() is None and time.time() - t0 < 120:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "run finished before it could be killed"
+    assert not latest.with_name("checkpoint_final.pth").exists()
+    subprocess.run(base + _cmd(tiny_root, killed, "--epochs", "4", "--continue"), check=True, env=_env(),
+                   capture_output=True)
+    a = _weights(straight / DS / "suprem_plans" / "fold_0" / "checkpoint_final.pth")
+    b = _weights(killed / DS / "suprem_plans" / "fold_0" / "checkpoint_final.pth")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    la = torch.load(straight / DS / "suprem_plans" / "fold_0" / "checkpoint_final.pth", weights_only=True)["logging"]
+    lb = torch.load(killed / DS / "suprem_plans" / "fold_0" / "checkpoint_final.pth", weights_only=True)["logging"]
+    assert la["train_loss"] == lb["train_loss"] and la["pseudo_dice"] == lb["pseudo_dice"]
+
+
+def test_ddp_two_cpu_processes(tiny_root, tmp_path):
+    results = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           "-m", "suprem_net.cli.train", *_cmd(tiny_root, results, "--epochs", "1")]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    fold = results / DS / "suprem_plans" / "fold_0"
+    ckpt = torch.load(fold / "checkpoint_final.pth", weights_only=True)
+    assert ckpt["epoch"] == 1
+    assert not any(k.startswith("module.") for k in ckpt["network_weights"])
+    assert not list(fold.glob(".tmp-*"))
+
+
+def test_user_errors_exit_2(tiny_root, tmp_path):
+    from suprem_net.cli.train import main
+
+    with pytest.raises(SystemExit) as e:
+        main(_cmd(tiny_root, tmp_path, "--plans", "nope"))
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(_cmd(tiny_root, tmp_path, "--precision", "fp16", "--device", "cpu"))
+    assert e.value.code == 2
