@@ -300,6 +300,10 @@ def test_pickled_code_is_refused(tmp_path):
         read_state_dict(path)
     with pytest.raises(SupremError, match="contains pickled code"):
         load_pretrained(segresnet(), path)
+    for name, content in (("garbage.pth", b"not a checkpoint at all"), ("empty.pth", b"")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(SupremError, match="not a readable PyTorch checkpoint"):
+            read_state_dict(tmp_path / name)
 
 
 def test_plain_path_reports_shape_mismatch(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -99,14 +100,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise SupremError(f"{path}: contains pickled code; refusing to load ({first[:200]}); if you trust it, "
-                          "re-save only its tensors with torch.save(state_dict) and use that file") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        msg = " ".join(str(e).split())[:200]
-        if "weights_only" in msg or "Weights only" in msg:
-            raise SupremError(f"{path}: contains pickled code; refusing to load ({msg})") from None
-        raise SupremError(f"{path}: not a readable PyTorch checkpoint ({msg})") from None
+        text = " ".join(str(e).split())
+        detail = re.search(r"WeightsUnpickler error: (.*?)(?: Please use| Check the documentation|$)", text)
+        detail_text = (detail.group(1) if detail else text)[:200].rstrip(". ")
+        if "GLOBAL" in text or "global" in detail_text:
+            raise SupremError(f"{path}: contains pickled code; refusing to load ({detail_text}); if you trust it, "
+                              "re-save only its tensors with torch.save(state_dict) and use that file") from None
+        raise SupremError(f"{path}: not a readable PyTorch checkpoint ({detail_text})") from None
+    except EOFError:
+        raise SupremError(f"{path}: not a readable PyTorch checkpoint (empty or truncated file)") from None
+    except (RuntimeError, OSError, ValueError) as e:
+        raise SupremError(f"{path}: not a readable PyTorch checkpoint ({' '.join(str(e).split())[:200]})") from None
     seen = []
     while isinstance(obj, Mapping):
         inner = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
