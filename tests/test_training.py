@@ -42,9 +42,10 @@ def tiny_root(tmp_path_factory) -> Path:
     return root
 
 
-def _cmd(root: Path, results: Path, *extra: str) -> list[str]:
+def _cmd(root: Path, results: Path, *extra: str, validate: bool = False) -> list[str]:
+    skip = [] if validate else ["--skip-final-validation"]
     return ["901", "0", "--raw", str(root / "raw"), "--preprocessed", str(root / "pp"), "--results", str(results),
-            "--num-workers", "0", "--skip-final-validation", "--no-progress-bar", *extra]
+            "--num-workers", "0", "--no-progress-bar", *skip, *extra]
 
 
 def _env() -> dict:
@@ -84,7 +85,7 @@ def test_train_outputs_and_checkpoint_keys(tiny_root, tmp_path):
     from suprem_net.cli.train import main
 
     results = tmp_path / "results"
-    assert main(_cmd(tiny_root, results, "--epochs", "2")) == 0
+    assert main(_cmd(tiny_root, results, "--epochs", "2", validate=True)) == 0
     model_dir = results / DS / "suprem_plans"
     fold = model_dir / "fold_0"
     for name in ("plans.json", "dataset.json"):
@@ -99,6 +100,10 @@ def test_train_outputs_and_checkpoint_keys(tiny_root, tmp_path):
     assert json.loads((model_dir / "plans.json").read_text())["training"]["epochs"] == 2
     assert "epoch 1" in (fold / "training_log.txt").read_text()
     assert (tiny_root / "pp" / DS / "splits.json").is_file()
+    summary = json.loads((fold / "validation" / "summary.json").read_text())
+    val_ids = json.loads((tiny_root / "pp" / DS / "splits.json").read_text())[0]["val"]
+    assert [c["case_id"] for c in summary["cases"]] == val_ids
+    assert set(summary["mean"]["dice"]) == {"liver", "spleen"} and set(summary["mean"]["nsd"]) == {"liver", "spleen"}
 
 
 def test_sigkill_and_continue_matches_uninterrupted(tiny_root, tmp_path):
