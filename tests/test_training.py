@@ -154,3 +154,23 @@ def test_user_errors_exit_2(tiny_root, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(_cmd(tiny_root, tmp_path, "--precision", "fp16", "--device", "cpu"))
     assert e.value.code == 2
+
+
+def test_pretrained_file_with_frozen_encoder(tiny_root, tmp_path, caplog):
+    from suprem_net.cli.train import main
+
+    first = tmp_path / "first"
+    assert main(_cmd(tiny_root, first, "--epochs", "1")) == 0
+    source = first / DS / "suprem_plans" / "fold_0" / "checkpoint_final.pth"
+    second = tmp_path / "second"
+    with caplog.at_level("INFO", logger="suprem_net"):
+        assert main(_cmd(tiny_root, second, "--epochs", "1", "--pretrained", str(source),
+                         "--freeze-encoder-epochs", "1", "--encoder-lr-scale", "0.5")) == 0
+    assert "suprem_plan_and_preprocess -d 901 --preset" in caplog.text
+    a = _weights(source)
+    b = _weights(second / DS / "suprem_plans" / "fold_0" / "checkpoint_final.pth")
+    enc = [k for k in a if k.startswith("encoder.") and "weight" in k]
+    dec = [k for k in a if k.startswith("decoder.") and "weight" in k]
+    assert enc and dec
+    assert all(torch.equal(a[k], b[k]) for k in enc)  # frozen, loaded from the file
+    assert not all(torch.equal(a[k], b[k]) for k in dec)  # trained
