@@ -24,7 +24,7 @@ from suprem_net.synthetic import SyntheticSpec, label_map, make_case, write_raw_
 
 TINY_NET = {
     "family": "nnunet",
-    "kwargs": {"n_stages": 3, "features_per_stage": [4, 8, 16], "kernel_sizes": [[3, 3, 3]] * 3,
+    "kwargs": {"n_stages": 3, "features_per_stage": [2, 4, 8], "kernel_sizes": [[3, 3, 3]] * 3,
                "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "n_conv_per_stage": [1, 1, 1],
                "n_conv_per_stage_decoder": [1, 1]},
     "deep_supervision": True,
@@ -214,7 +214,7 @@ def test_cli_nifti_nrrd_headers_per_organ_preview_probabilities(model_dir, test_
     shutil.copy(img, nrrd_dir / "case_004_0000.nii.gz")
     before = sorted(p.name for p in nrrd_dir.iterdir())
     out = tmp_path / "out"
-    assert predict_main(["-i", str(nrrd_dir), "-o", str(out), "-m", str(model_dir), "--no-tta", "--device", "cpu",
+    assert predict_main(["-i", str(nrrd_dir), "-o", str(out), "-m", str(model_dir), "--no-tta", "--device", "cpu", "--step-size", "1",
                          "--preview", "--save-probabilities"]) == 0
     assert sorted(p.name for p in nrrd_dir.iterdir()) == before  # nothing written into INPUT
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -226,7 +226,7 @@ def test_cli_nifti_nrrd_headers_per_organ_preview_probabilities(model_dir, test_
     assert (out / "case_004.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     organ = tmp_path / "organ"
-    assert predict_main(["-i", str(img), "-o", str(organ), "-m", str(model_dir), "--no-tta", "--per-organ",
+    assert predict_main(["-i", str(img), "-o", str(organ), "-m", str(model_dir), "--no-tta", "--step-size", "1", "--per-organ",
                          "--lcc"]) == 0
     files = sorted(str(p.relative_to(organ)) for p in organ.rglob("*") if p.is_file())
     assert files == ["case_004/combined_labels.nii.gz", "case_004/segmentations/kidney_left.nii.gz",
@@ -263,7 +263,7 @@ def test_cli_dicom_series(model_dir, test_images, tmp_path):
     series = tmp_path / "series"
     _write_dicom_series(series, arr, geo, "1.2.826.0.1.3680043.2.1125.2")
     out = tmp_path / "out"
-    assert predict_main(["-i", str(series), "-o", str(out), "-m", str(model_dir), "--no-tta"]) == 0
+    assert predict_main(["-i", str(series), "-o", str(out), "-m", str(model_dir), "--no-tta", "--step-size", "1"]) == 0
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(series)))
     ref = reader.Execute()
@@ -287,10 +287,10 @@ def test_cli_tta_and_skip_done(model_dir, test_images, tmp_path, capsys):
         shutil.copy(test_images / "case_003_0000.nii.gz", inp / name / "ct.nii.gz")
     out = tmp_path / "out"
     assert predict_main(["-i", str(inp / "BDMAP_A" / "ct.nii.gz"), "-o", str(out / "BDMAP_A.nii.gz"),
-                         "-m", str(model_dir), "--tta", "--tile-batch-size", "1"]) == 0
+                         "-m", str(model_dir), "--tta", "--tile-batch-size", "1", "--step-size", "1"]) == 0
     capsys.readouterr()
     stamp = (out / "BDMAP_A.nii.gz").stat().st_mtime_ns
-    assert predict_main(["-i", str(inp), "-o", str(out), "-m", str(model_dir), "--no-tta"]) == 0
+    assert predict_main(["-i", str(inp), "-o", str(out), "-m", str(model_dir), "--no-tta", "--step-size", "1"]) == 0
     assert "1 already done, predicting 1" in capsys.readouterr().out
     assert (out / "BDMAP_A.nii.gz").stat().st_mtime_ns == stamp and (out / "BDMAP_B.nii.gz").is_file()
     a, _ = read_image(out / "BDMAP_A.nii.gz", dtype=np.uint8)

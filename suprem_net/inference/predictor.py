@@ -53,11 +53,11 @@ def batch_independent(plan: dict) -> bool:
     return not (net["family"] == "suprem_unet" and net.get("kwargs", {}).get("batch_stats_always", True))
 
 
-def _prepare(model: nn.Module, device: torch.device) -> nn.Module:
+def _without_deep_supervision(model: nn.Module) -> nn.Module:
     decoder = getattr(model, "decoder", None)
     if decoder is not None and hasattr(decoder, "deep_supervision"):
         decoder.deep_supervision = False  # dynamic-network-architectures: full resolution only
-    return model.to(device).eval()
+    return model
 
 
 def load_state_dict(path: Path) -> dict:
@@ -87,7 +87,8 @@ class Predictor:
                  precision: str = "auto", lcc_classes: Sequence[int] = ()) -> None:
         self.plan = plan
         self.device = resolve_device(device)
-        self.models = [_prepare(m, self.device) for m in models]
+        # models are put in eval mode only while predicting (a trainer's model keeps its state)
+        self.models = [m.to(self.device) for m in models]
         self.lcc_classes = list(lcc_classes)
         if precision == "auto":
             precision = "fp16" if self.device.type == "cuda" else "fp32"
@@ -133,7 +134,7 @@ class Predictor:
             except RuntimeError as e:
                 raise SupremError(f"{fold_dir / checkpoint}: weights do not fit the plan's network "
                                   f"({str(e).splitlines()[0][:150]})") from None
-            models.append(net)
+            models.append(_without_deep_supervision(net).eval())
         if lcc is None:
             lcc_classes = read_lcc_classes(model_dir)
         else:
