@@ -2,7 +2,7 @@
 
 A plan stores ``{"family": NAME, "kwargs": {...}, "deep_supervision": bool}``;
 ``build_network(network, in_channels, num_classes)`` is the one way to make a model.
-Each family module exposes ``build(kwargs, in_channels, num_classes, deep_supervision)``
+Each family module exposes ``build(family, kwargs, in_channels, num_classes, deep_supervision)``
 and a ``DIVISOR`` (what every patch edge must be divisible by; ``None`` when the
 topology is derived from the patch, as for the nnU-Net-style CNNs).
 """

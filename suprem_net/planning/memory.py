@@ -22,8 +22,11 @@ def _measure_cached(network_json: str, in_channels: int, num_classes: int, patch
                     dtype_name: str, optimizer_slots: int) -> dict:
     network = json.loads(network_json)
     dtype = getattr(torch, dtype_name)
-    with torch.device("meta"):
-        net = build_network(network, in_channels, num_classes)
+    try:
+        with torch.device("meta"):
+            net = build_network(network, in_channels, num_classes)
+    except (RuntimeError, NotImplementedError):  # a constructor that needs real values (e.g. .item())
+        net = build_network(network, in_channels, num_classes).to("meta")
     net = net.to(dtype)
     n_params = sum(p.numel() for p in net.parameters())
     param_bytes = n_params * 4  # master weights stay fp32 under mixed precision
