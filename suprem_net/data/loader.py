@@ -9,8 +9,12 @@ epoch E sees exactly the batches an uninterrupted run would.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import random
+import signal
+import sys
 
 import numpy as np
 from batchgenerators.dataloading.data_loader import SlimDataLoaderBase
@@ -26,6 +30,18 @@ log = logging.getLogger(__name__)
 TRAIN_STREAM, VAL_STREAM = 0, 1
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """In a worker: ask Linux to SIGTERM this process when its parent dies (a SIGKILLed trainer
+    would otherwise leave workers spinning on a full queue)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            return
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
 class PatchLoader(SlimDataLoaderBase):
     """Draws ``batch_size`` patches per call; batch ``g`` of the stream is (epoch, iteration) =
     divmod(g + start_epoch * iterations_per_epoch, iterations_per_epoch)."""
@@ -39,11 +55,17 @@ class PatchLoader(SlimDataLoaderBase):
         self.oversample, self.seed, self.rank, self.stream = oversample, seed, rank, stream
         self.iterations_per_epoch, self.start_epoch = iterations_per_epoch, start_epoch
         self.counter = 0
+        self._owner_pid = os.getpid()
+        self._guarded_pid: int | None = None
 
     def position(self, index: int) -> tuple[int, int]:
         return divmod(index + self.start_epoch * self.iterations_per_epoch, self.iterations_per_epoch)
 
     def generate_train_batch(self) -> dict:
+        if self._guarded_pid != os.getpid():
+            self._guarded_pid = os.getpid()
+            if self._guarded_pid != self._owner_pid:
+                _die_with_parent(self._owner_pid)
         n = self.number_of_threads_in_multithreaded or 1
         index = self.counter * n + self.thread_id
         self.counter += 1
