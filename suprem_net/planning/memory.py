@@ -34,7 +34,11 @@ def _measure_cached(network_json: str, in_channels: int, num_classes: int, patch
     keep = []
     largest = [0]
 
+    param_ids = {id(p) for p in net.parameters()}
+
     def pack(t):
+        if id(t) in param_ids:  # weights are counted once, with the optimiser state below
+            return t
         if id(t) not in saved:
             saved[id(t)] = t.numel() * t.element_size()
             keep.append(t)
