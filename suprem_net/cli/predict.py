@@ -24,6 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (or, for a single-case input, an image file name such as seg.nii.gz)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("-m", "--model", help="model folder RESULTS/DatasetXXX/<plans_name>")
+    src.add_argument("--nnunet-model", metavar="RESULTS_FOLDER",
+                     help="an nnU-Net v2 results folder DatasetXXX/<Trainer>__<Plans>__<configuration> "
+                          "(plans.json, dataset.json, fold_K/checkpoint_final.pth), predicted with suprem_net "
+                          "(see docs/nnunet_models.md)")
     src.add_argument("-d", "--dataset", help="dataset number or name: the model folder in the results folder")
     src.add_argument("--pretrained", choices=["suprem_swinunetr", "suprem_unet"],
                      help="zero-shot prediction with a pre-trained SuPreM model (not yet supported)")
@@ -101,10 +105,17 @@ def main(argv=None) -> int:
     from suprem_net.io.atomic import read_json
 
     inp, out = Path(args.input), Path(args.output)
-    model_dir = _model_dir(args)
-    if not model_dir.is_dir():
-        raise SupremError(f"{model_dir}: model folder not found")
-    plan = read_json(model_dir / "plans.json")
+    nnunet = None
+    if args.nnunet_model:
+        from suprem_net.inference.nnunet_compat import load_nnunet_model
+
+        nnunet = load_nnunet_model(args.nnunet_model, folds=args.folds, checkpoint=args.checkpoint)
+        plan = nnunet[0]
+    else:
+        model_dir = _model_dir(args)
+        if not model_dir.is_dir():
+            raise SupremError(f"{model_dir}: model folder not found")
+        plan = read_json(model_dir / "plans.json")
     cases = discover_cases(inp, num_channels=len(plan["channel_names"]))
     out_is_file = any(out.name.endswith(e) for e in IMAGE_ENDINGS) and not args.per_organ
     if out_is_file and len(cases) > 1:
@@ -125,10 +136,16 @@ def main(argv=None) -> int:
     print(f"{len(cases)} case(s) in {inp}, {len(cases) - len(todo)} already done, predicting {len(todo)}")
     if not todo:
         return 0
-    predictor = Predictor.from_model_dir(model_dir, folds=args.folds, checkpoint=args.checkpoint,
-                                         device=args.device, tta=args.tta, step_size=args.step_size,
-                                         tile_batch_size=args.tile_batch_size, precision=args.precision,
-                                         lcc=True if args.lcc else None)
+    if nnunet is not None:
+        predictor = Predictor(plan, nnunet[1], device=args.device, tta=args.tta, step_size=args.step_size,
+                              tile_batch_size=args.tile_batch_size, precision=args.precision,
+                              lcc_classes=list(range(1, plan["num_classes"])) if args.lcc else [])
+        del nnunet
+    else:
+        predictor = Predictor.from_model_dir(model_dir, folds=args.folds, checkpoint=args.checkpoint,
+                                             device=args.device, tta=args.tta, step_size=args.step_size,
+                                             tile_batch_size=args.tile_batch_size, precision=args.precision,
+                                             lcc=True if args.lcc else None)
     names = predictor.class_names
     ct = all(n.get("scheme") == "ct" for n in plan["normalization"])
     for case in tqdm(todo, unit="case", disable=len(todo) < 2):

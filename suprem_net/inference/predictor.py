@@ -101,7 +101,8 @@ class Predictor:
             logger.warning("%s normalises with batch statistics: tiles go through one at a time",
                            plan["network"]["family"])
         self.window = SlidingWindow(plan["patch_size"], plan["num_classes"], step_size=step_size,
-                                    tile_batch_size=tile_batch_size, mirror_axes=(0, 1, 2) if tta else None,
+                                    tile_batch_size=tile_batch_size,
+                                    mirror_axes=tuple(plan.get("mirror_axes", (0, 1, 2))) if tta else None,
                                     batch_independent=independent, device=self.device,
                                     autocast_dtype=PRECISIONS[precision])
 
@@ -180,11 +181,21 @@ class Predictor:
     def predict_case(self, images: list[np.ndarray], geometry: Geometry,
                      probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Label map uint8 (Z, Y, X) in ``geometry`` (and float16 probabilities (K, Z, Y, X) if asked)."""
+        fwd = self.plan.get("transpose_forward")  # nnU-Net models: axes permuted before preprocessing
+        transposed = fwd is not None and list(fwd) != list(range(len(fwd)))
+        if transposed:
+            images = [np.transpose(im, fwd) for im in images]
+            geometry = Geometry(tuple(geometry.shape[a] for a in fwd), tuple(geometry.spacing[a] for a in fwd),
+                                geometry.origin, geometry.direction)
         data, _, props = preprocess_case(images, geometry, self.plan)
         logits = self._logits(data)
         del data
         labels, probs = revert_logits(logits, props, probabilities=probabilities)
         del logits
+        if transposed:
+            back = self.plan["transpose_backward"]
+            labels = np.ascontiguousarray(np.transpose(labels, back))
+            probs = np.ascontiguousarray(np.transpose(probs, [0] + [a + 1 for a in back])) if probs is not None else None
         if self.lcc_classes:
             keep_largest_component(labels, self.lcc_classes)
         return labels, probs
