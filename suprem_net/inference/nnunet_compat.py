@@ -1,0 +1,252 @@
+"""Predict with a model trained by nnU-Net v2, without nnU-Net (see docs/nnunet_models.md).
+
+An nnU-Net v2 results folder ``DatasetXXX/<Trainer>__<Plans>__<configuration>`` holds
+``plans.json``, ``dataset.json`` and ``fold_<k>/checkpoint_final.pth``. This module turns it
+into what :class:`suprem_net.inference.predictor.Predictor` needs:
+
+* a suprem_net plan dict translated from nnU-Net's plan: ``target_spacing`` = the
+  configuration's ``spacing`` (already in transposed axis order), ``transpose_forward`` /
+  ``transpose_backward`` (the Predictor transposes the image before preprocessing and the
+  prediction back after it), normalisation per channel from ``normalization_schemes`` and
+  ``foreground_intensity_properties_per_channel`` (``CTNormalization`` -> ``{"scheme": "ct"}``
+  with the foreground 0.5/99.5 percentiles, mean and std; ``ZScoreNormalization`` ->
+  ``{"scheme": "zscore"}``), ``orientation`` None (nnU-Net keeps the array order as read),
+  the separate-z anisotropy threshold 3, patch size, labels;
+* the network from the plan's ``architecture`` (``network_class_name`` + ``arch_kwargs``,
+  ``_kw_requires_import`` entries resolved by importing the named torch / dynamic-network-
+  architectures classes only), deep supervision off;
+* the fold weights from ``network_weights`` of each checkpoint, loaded with
+  ``torch.load(weights_only=True)``; nnU-Net's checkpoints also pickle numpy scalars (in
+  ``_best_ema`` and ``logging``), which the weights-only unpickler refuses by default: the
+  numpy scalar reconstructor and dtypes are allowed for that one load (they only rebuild
+  numbers; no code runs), never ``weights_only=False``;
+* the mirroring axes the trainer allowed (``inference_allowed_mirroring_axes``).
+
+Not supported (a one-line :class:`SupremError`): 2D configurations, the cascade
+(``previous_stage``), region-based training (sigmoid outputs), ZScore with
+``use_mask_for_norm``, ``NoNormalization`` / ``RescaleTo01`` / ``RGBTo01`` channels, plans from
+before nnU-Net 2.4 (no ``architecture`` entry).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from suprem_net.errors import SupremError
+
+logger = logging.getLogger(__name__)
+
+# only classes from these packages may be named in a plans file
+_IMPORTABLE = ("torch.nn.", "dynamic_network_architectures.")
+_NORMS = {"ctnormalization": "ct", "zscorenormalization": "zscore"}
+NNUNET_FAMILY = "nnunet_v2"  # plan["network"]["family"] of a converted model (built here, not by build_network)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise SupremError(f"{path}: not found (not an nnU-Net v2 results folder?)")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SupremError(f"{path}: unreadable JSON ({e})") from None
+
+
+def _locate(name: str):
+    """Import ``package.module.Attr`` for the allowed packages only."""
+    if not isinstance(name, str) or not name.startswith(_IMPORTABLE):
+        raise SupremError(f"plans.json names {name!r}: only torch.nn and dynamic_network_architectures "
+                          "classes are allowed")
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)
+            return obj
+        except AttributeError:
+            break
+    raise SupremError(f"plans.json names {name!r}, which cannot be imported "
+                      "(is dynamic-network-architectures up to date?)")
+
+
+def configuration_of(model_dir: Path, plans: dict, configuration: str | None = None) -> tuple[str, dict]:
+    """The configuration name (from ``Trainer__Plans__Config`` unless given) and its merged entry."""
+    if configuration is None:
+        parts = model_dir.name.split("__")
+        if len(parts) != 3:
+            raise SupremError(f"{model_dir}: expected a folder named <Trainer>__<Plans>__<configuration>")
+        configuration = parts[2]
+    configs = plans.get("configurations", {})
+    if configuration not in configs:
+        raise SupremError(f"{model_dir}: configuration {configuration!r} not in plans.json "
+                          f"(have: {', '.join(configs)})")
+    cfg, seen = dict(configs[configuration]), {configuration}
+    while "inherits_from" in cfg:  # nnU-Net's PlansManager: the child overrides its parent
+        parent = cfg.pop("inherits_from")
+        if parent in seen or parent not in configs:
+            raise SupremError(f"{model_dir}: configuration {configuration!r} inherits from unknown {parent!r}")
+        seen.add(parent)
+        cfg = {**configs[parent], **cfg}
+    return configuration, cfg
+
+
+def convert_plans(plans: dict, dataset: dict, cfg: dict, name: str = "3d_fullres") -> dict:
+    """A suprem_net plan dict equivalent to nnU-Net's configuration ``cfg``."""
+    if cfg.get("previous_stage"):
+        raise SupremError(f"configuration {name}: cascade models (previous_stage) are not supported")
+    patch = [int(p) for p in cfg["patch_size"]]
+    if len(patch) != 3:
+        raise SupremError(f"configuration {name}: only 3D configurations are supported (patch {patch})")
+    if "architecture" not in cfg:
+        raise SupremError(f"configuration {name}: plans from nnU-Net < 2.4 (no 'architecture') are not supported")
+    labels = dataset["labels"]
+    if any(isinstance(v, (list, tuple)) for v in labels.values()):
+        raise SupremError("dataset.json: region-based models (label lists) are not supported")
+    labels = {k: int(v) for k, v in labels.items() if k != "ignore"}
+    values = sorted(labels.values())
+    if values != list(range(len(values))):
+        raise SupremError(f"dataset.json: labels must be 0..K-1, got {values}")
+    channels = dataset.get("channel_names", dataset.get("modality"))
+    if not channels:
+        raise SupremError("dataset.json: no channel_names")
+    schemes = cfg["normalization_schemes"]
+    masks = cfg.get("use_mask_for_norm", [False] * len(schemes))
+    props = plans.get("foreground_intensity_properties_per_channel", {})
+    norm = []
+    for c, (scheme, use_mask) in enumerate(zip(schemes, masks)):
+        kind = _NORMS.get(str(scheme).casefold())
+        if kind is None:
+            raise SupremError(f"channel {c}: nnU-Net normalisation {scheme} is not supported")
+        if kind == "ct":
+            p = props.get(str(c))
+            if p is None:
+                raise SupremError(f"plans.json: no foreground_intensity_properties_per_channel for channel {c}")
+            norm.append({"scheme": "ct", "clip": [float(p["percentile_00_5"]), float(p["percentile_99_5"])],
+                         "mean": float(p["mean"]), "std": float(p["std"])})
+        else:
+            if use_mask:
+                raise SupremError(f"channel {c}: ZScore normalisation inside the nonzero mask "
+                                  "(use_mask_for_norm) is not supported")
+            norm.append({"scheme": "zscore"})
+    for key in ("resampling_fn_data_kwargs", "resampling_fn_probabilities_kwargs"):
+        kw = cfg.get(key) or {}
+        if kw.get("force_separate_z") is not None:
+            raise SupremError(f"configuration {name}: {key} force_separate_z={kw['force_separate_z']} "
+                              "is not supported (only automatic)")
+    tf = [int(a) for a in plans.get("transpose_forward", [0, 1, 2])]
+    tb = [int(a) for a in plans.get("transpose_backward", [0, 1, 2])]
+    return {
+        "source": "nnunetv2",
+        "plans_name": plans.get("plans_name"),
+        "configuration": name,
+        "channel_names": {str(k): v for k, v in channels.items()},
+        "labels": labels,
+        "num_classes": len(labels),
+        "orientation": None,
+        "transpose_forward": tf,
+        "transpose_backward": tb,
+        "target_spacing": [float(s) for s in cfg["spacing"]],
+        "normalization": norm,
+        "resampling": {"anisotropy_threshold": 3.0},
+        "patch_size": patch,
+        "batch_size": int(cfg.get("batch_size", 2)),
+        "network": {"family": NNUNET_FAMILY, "class": cfg["architecture"]["network_class_name"],
+                    "kwargs": cfg["architecture"]["arch_kwargs"],
+                    "requires_import": cfg["architecture"].get("_kw_requires_import", []),
+                    "deep_supervision": False},
+    }
+
+
+def build_nnunet_network(plan: dict) -> nn.Module:
+    """The network of a converted plan (nnU-Net's ``get_network_from_plans``), deep supervision off."""
+    net = plan["network"]
+    kwargs = dict(net["kwargs"])
+    for key in net.get("requires_import", []):
+        if kwargs.get(key) is not None:
+            kwargs[key] = _locate(kwargs[key])
+    cls = _locate(net["class"])
+    kwargs["deep_supervision"] = False
+    try:
+        return cls(input_channels=len(plan["channel_names"]), num_classes=plan["num_classes"], **kwargs)
+    except TypeError as e:
+        raise SupremError(f"{net['class']}: cannot build from the plan's arch_kwargs ({e})") from None
+
+
+def _numpy_scalar_globals() -> list:
+    """What numpy scalars pickle to: the scalar reconstructor and the dtype classes."""
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
+    out: list = [scalar, np.dtype]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        out += [getattr(dtypes, n) for n in ("Float64DType", "Float32DType", "Float16DType", "Int64DType",
+                                             "Int32DType", "BoolDType") if hasattr(dtypes, n)]
+    return out
+
+
+def load_nnunet_checkpoint(path: Path) -> tuple[dict, tuple[int, ...] | None]:
+    """``(state_dict, inference_allowed_mirroring_axes)`` of an nnU-Net v2 checkpoint."""
+    if not path.is_file():
+        raise SupremError(f"{path}: checkpoint not found")
+    try:
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling problem is a bad or unsafe file
+        raise SupremError(f"{path}: cannot load checkpoint ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
+        raise SupremError(f"{path}: not an nnU-Net checkpoint (no 'network_weights')")
+    state = {}
+    for k, v in ckpt["network_weights"].items():
+        for prefix in ("_orig_mod.", "module."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        state[k] = v
+    axes = ckpt.get("inference_allowed_mirroring_axes")
+    return state, (tuple(int(a) for a in axes) if axes is not None else None)
+
+
+def load_nnunet_model(model_dir: str | Path, folds: Sequence[str | int] = ("0",),
+                      checkpoint: str = "checkpoint_final.pth",
+                      configuration: str | None = None) -> tuple[dict, list[nn.Module], tuple[int, ...] | None]:
+    """``(plan, models in eval mode, mirroring axes)`` for an nnU-Net v2 results folder."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise SupremError(f"{model_dir}: nnU-Net model folder not found")
+    plans = _read_json(model_dir / "plans.json")
+    dataset = _read_json(model_dir / "dataset.json")
+    name, cfg = configuration_of(model_dir, plans, configuration)
+    plan = convert_plans(plans, dataset, cfg, name)
+    if not folds:
+        raise SupremError(f"{model_dir}: no folds given")
+    models, mirror_axes = [], None
+    for f in folds:
+        fold_dir = model_dir / f"fold_{f}"
+        if not fold_dir.is_dir():
+            have = sorted(p.name for p in model_dir.glob("fold_*") if p.is_dir())
+            raise SupremError(f"{fold_dir}: fold {f} not found (have: {', '.join(have) or 'none'})")
+        state, axes = load_nnunet_checkpoint(fold_dir / checkpoint)
+        net = build_nnunet_network(plan)
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as e:
+            raise SupremError(f"{fold_dir / checkpoint}: weights do not fit the plan's network "
+                              f"({str(e).splitlines()[0][:150]})") from None
+        models.append(net.eval())
+        mirror_axes = axes if mirror_axes is None else tuple(a for a in mirror_axes if a in (axes or ()))
+    plan["mirror_axes"] = list(mirror_axes) if mirror_axes is not None else [0, 1, 2]
+    logger.info("nnU-Net model %s (%s): folds %s, %s, mirroring axes %s", model_dir, name,
+                ", ".join(str(f) for f in folds), checkpoint, plan["mirror_axes"])
+    return plan, models, mirror_axes
