@@ -7,6 +7,7 @@ outputs can be written back in the input's exact geometry.
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -89,6 +90,7 @@ def read_header(path: str | os.PathLike) -> tuple[Geometry, str]:
     size = reader.GetSize()
     if min(size) < 2:
         raise InputError(path, f"expected a 3D image, got size {list(size)} (a 2D slice)")
+    _check_complete(path)
     geo = Geometry(
         shape=tuple(int(s) for s in size[::-1]),
         spacing=tuple(float(s) for s in reader.GetSpacing()[::-1]),
@@ -108,6 +110,7 @@ def read_image(path: str | os.PathLike, dtype=np.float32) -> tuple[np.ndarray, G
     except RuntimeError as e:
         raise InputError(path, f"cannot read image ({_short(e)})") from None
     _check_3d(img, path)
+    _check_complete(path)
     arr = sitk.GetArrayViewFromImage(img)
     if dtype is not None and arr.dtype != dtype:
         arr = arr.astype(dtype)
@@ -130,6 +133,55 @@ def strip_ending(name: str) -> str:
         if name.endswith(end):
             return name[: -len(end)]
     return name
+
+
+def _check_complete(path: Path) -> None:
+    """Refuse a truncated NIfTI file: ITK fills the missing voxels with zeros without an error.
+
+    Cheap: the header gives the bytes the voxels need; an uncompressed file's size, or a gzip
+    file's recorded length (its last 4 bytes), must cover them. Only when the recorded length
+    disagrees is the stream decompressed to count (a multi-member gzip, or a cut stream).
+    """
+    if not path.name.endswith((".nii", ".nii.gz")):
+        return
+    import nibabel
+
+    try:
+        img = nibabel.load(str(path))
+        need = int(img.dataobj.offset) + int(np.prod(img.shape)) * img.header.get_data_dtype().itemsize
+    except Exception:  # noqa: BLE001 - ITK read the header; nibabel's opinion is not needed
+        return
+    if path.name.endswith(".nii"):
+        have = path.stat().st_size
+    else:
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            if int.from_bytes(f.read(4), "little") == need % 2 ** 32:
+                return
+        have = _gunzipped_size(path)
+        if have is None:
+            raise InputError(path, "truncated or corrupt gzip stream (incomplete download or copy?)")
+    if have < need:
+        raise InputError(path, f"truncated file: {have} bytes, the header needs {need} "
+                               "(incomplete download or copy?)")
+
+
+def _gunzipped_size(path: Path) -> int | None:
+    """Decompressed length of a (possibly multi-member) gzip file; None if the stream is cut or corrupt."""
+    total, in_member = 0, False
+    d = zlib.decompressobj(wbits=31)
+    with open(path, "rb") as f:
+        try:
+            while chunk := f.read(1 << 20):
+                while chunk:
+                    total += len(d.decompress(chunk))
+                    in_member = not d.eof
+                    chunk = d.unused_data if d.eof else b""
+                    if d.eof:
+                        d = zlib.decompressobj(wbits=31)
+        except zlib.error:
+            return None
+    return None if in_member else total
 
 
 def _short(e: Exception) -> str:
