@@ -21,6 +21,9 @@ class IntegrityError(SupremError):
         self.problems = problems
         super().__init__("\n".join(problems))
 
+    def __reduce__(self):  # picklable across worker processes with its list of problems
+        return type(self), (self.problems,)
+
 
 def header_problems(ds: RawDataset) -> list[str]:
     problems: list[str] = []
