@@ -11,7 +11,7 @@ import numpy as np
 
 from suprem_net.errors import InputError, SupremError
 from suprem_net.io.dataset import SAFE_CASE_ID, RawDataset
-from suprem_net.io.image import has_nonfinite, read_header
+from suprem_net.io.image import IMAGE_ENDINGS, has_nonfinite, read_header, strip_ending
 
 
 class IntegrityError(SupremError):
@@ -37,11 +37,12 @@ def header_problems(ds: RawDataset) -> list[str]:
         problems.append(f"{ds.root / 'dataset.json'}: numTraining is {ds.spec['numTraining']} "
                         f"but imagesTr holds {len(cases)} cases")
     label_dir = ds.root / "labelsTr"
+    known = {c.case_id for c in cases}
     if label_dir.is_dir():
-        known = {c.case_id for c in cases}
         for p in sorted(label_dir.iterdir()):
             if p.name.endswith(ds.file_ending) and p.name[: -len(ds.file_ending)] not in known:
                 problems.append(f"{p}: label without an image in imagesTr")
+    problems += _duplicate_problems(ds, cases, known)
     for case in cases:
         if not SAFE_CASE_ID.fullmatch(case.case_id) or ".." in case.case_id:
             problems.append(f"{case.images[0]}: case id {case.case_id!r} is not a safe file name")
@@ -65,12 +66,38 @@ def header_problems(ds: RawDataset) -> list[str]:
     return problems
 
 
+def _duplicate_problems(ds: RawDataset, cases: list, known: set[str]) -> list[str]:
+    """Two files for one case: the same name with another image ending (``case_0000.nii`` next to
+    ``case_0000.nii.gz``), or case ids that differ only in letter case (one file on macOS/Windows)."""
+    problems = []
+    for folder, channel in ((ds.root / "imagesTr", True), (ds.root / "labelsTr", False)):
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.iterdir()):
+            stem = strip_ending(p.name)
+            if p.name.endswith(ds.file_ending) or not p.name.endswith(IMAGE_ENDINGS):
+                continue
+            case_id = stem[:-5] if channel and len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit() else stem
+            if case_id in known:
+                problems.append(f"{p}: duplicate of case {case_id} with another file ending "
+                                f"(dataset.json file_ending is {ds.file_ending!r})")
+    first: dict[str, str] = {}
+    for case in cases:
+        other = first.setdefault(case.case_id.lower(), case.case_id)
+        if other != case.case_id:
+            problems.append(f"{case.images[0]}: duplicate case id {case.case_id!r}: differs from {other!r} only in "
+                            "letter case (the two collide on case-insensitive file systems)")
+    return problems
+
+
 def voxel_problems(case_id: str, image_paths, images: list[np.ndarray], label_path,
                    label: np.ndarray, allowed_labels: set[int]) -> list[str]:
     problems = []
     for p, im in zip(image_paths, images):
         if has_nonfinite(p, im):
             problems.append(f"{p}: image contains NaN or Inf values")
+        elif im.size and im.min() == im.max():
+            problems.append(f"{p}: image is constant (every voxel is {float(im.flat[0]):g}): an empty or failed export?")
     if np.issubdtype(label.dtype, np.floating) and not np.array_equal(label, np.round(label)):
         problems.append(f"{label_path}: label has non-integer values")
         return problems
