@@ -21,6 +21,10 @@ def atomic_path(target: str | os.PathLike):
     try:
         yield tmp
         os.replace(tmp, target)
+    except OSError as e:
+        if e.filename is None:  # a failed write() (full disk) does not say which file: name the target
+            raise OSError(e.errno, e.strerror or str(e), str(target)) from e
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
