@@ -6,6 +6,7 @@ outputs can be written back in the input's exact geometry.
 """
 from __future__ import annotations
 
+import errno
 import os
 import zlib
 from dataclasses import asdict, dataclass
@@ -125,7 +126,12 @@ def write_image(path: str | os.PathLike, arr: np.ndarray, geometry: Geometry, *,
         raise ValueError(f"array shape {arr.shape} does not match geometry {geometry.shape}")
     img = geometry.apply_to(sitk.GetImageFromArray(arr))
     with atomic_path(path) as tmp:
-        sitk.WriteImage(img, str(tmp), useCompression=compress)
+        try:
+            sitk.WriteImage(img, str(tmp), useCompression=compress)
+            _check_complete(tmp, written=True)  # ITK's NIfTI writer does not report a short write (full disk)
+        except (RuntimeError, InputError) as e:
+            detail = e.problem if isinstance(e, InputError) else _short(e)
+            raise OSError(errno.EIO, f"write failed, is the disk full? ({detail})", str(path)) from None
 
 
 def strip_ending(name: str) -> str:
@@ -135,7 +141,7 @@ def strip_ending(name: str) -> str:
     return name
 
 
-def _check_complete(path: Path) -> None:
+def _check_complete(path: Path, written: bool = False) -> None:
     """Refuse a truncated NIfTI file: ITK fills the missing voxels with zeros without an error.
 
     Cheap: the header gives the bytes the voxels need; an uncompressed file's size, or a gzip
@@ -150,6 +156,8 @@ def _check_complete(path: Path) -> None:
         img = nibabel.load(str(path))
         need = int(img.dataobj.offset) + int(np.prod(img.shape)) * img.header.get_data_dtype().itemsize
     except Exception:  # noqa: BLE001 - ITK read the header; nibabel's opinion is not needed
+        if written:  # a file we just wrote must be readable
+            raise InputError(path, "unreadable header") from None
         return
     if path.name.endswith(".nii"):
         have = path.stat().st_size

@@ -7,6 +7,7 @@ most ``BLOCK_BYTES``. Only the region that is sliced is decompressed when readin
 """
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -35,8 +36,11 @@ def save_array(path: str | os.PathLike, arr: np.ndarray, patch, codec: str = "ZS
     cparams = blosc2.CParams(codec=getattr(blosc2.Codec, codec), clevel=clevel,
                              filters=[blosc2.Filter.SHUFFLE], nthreads=1)
     with atomic_path(path) as tmp:
-        blosc2.asarray(np.ascontiguousarray(arr), urlpath=str(tmp), mode="w", chunks=chunk, blocks=block,
-                       cparams=cparams)
+        try:
+            blosc2.asarray(np.ascontiguousarray(arr), urlpath=str(tmp), mode="w", chunks=chunk, blocks=block,
+                           cparams=cparams)
+        except RuntimeError as e:  # blosc2 reports a failed write (full disk) as RuntimeError
+            raise OSError(errno.EIO, f"write failed, is the disk full? ({e})", str(path)) from None
 
 
 def open_array(path: str | os.PathLike):
