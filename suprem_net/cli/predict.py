@@ -29,8 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "(plans.json, dataset.json, fold_K/checkpoint_final.pth), predicted with suprem_net "
                           "(see docs/nnunet_models.md)")
     src.add_argument("-d", "--dataset", help="dataset number or name: the model folder in the results folder")
-    src.add_argument("--pretrained", choices=["suprem_swinunetr", "suprem_unet"],
-                     help="zero-shot prediction with a pre-trained SuPreM model (not yet supported)")
+    src.add_argument("--pretrained", choices=["suprem_swinunetr", "suprem_unet", "universal_swinunetr",
+                                              "universal_unet"],
+                     help="zero-shot prediction of the 32 AbdomenAtlas/Universal-Model classes with the head stored "
+                          "in a pre-trained checkpoint ($SUPREM_weights or ./pretrained_weights; see "
+                          "docs/pretrained.md); uses the backbone's preset preprocessing")
     p.add_argument("--plans", default="suprem_plans", help="plans name with -d (default suprem_plans)")
     p.add_argument("--results", help="results folder with -d (default: $SUPREM_results, else ./suprem_data/results)")
     p.add_argument("-f", "--folds", nargs="+", default=["0"], help="folds to ensemble (default 0)")
@@ -88,9 +91,6 @@ def _is_within(child: Path, parent: Path) -> bool:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    if args.pretrained:
-        raise SupremError(f"--pretrained {args.pretrained}: zero-shot prediction is not yet supported "
-                          "(fine-tune with suprem_train and use -m/-d)")
     if args.step_size <= 0 or args.step_size > 1:
         raise SupremError(f"--step-size {args.step_size}: must be in (0, 1]")
     if args.tile_batch_size is not None and args.tile_batch_size < 1:
@@ -111,6 +111,11 @@ def main(argv=None) -> int:
 
         nnunet = load_nnunet_model(args.nnunet_model, folds=args.folds, checkpoint=args.checkpoint)
         plan = nnunet[0]
+    elif args.pretrained:
+        from suprem_net.inference.zero_shot import load_zero_shot
+
+        nnunet = load_zero_shot(args.pretrained)  # (plan, models), predicted like an nnU-Net model
+        plan = nnunet[0]
     else:
         model_dir = _model_dir(args)
         if not model_dir.is_dir():
@@ -118,6 +123,8 @@ def main(argv=None) -> int:
         plan = read_json(model_dir / "plans.json")
     cases = discover_cases(inp, num_channels=len(plan["channel_names"]))
     out_is_file = any(out.name.endswith(e) for e in IMAGE_ENDINGS) and not args.per_organ
+    if out_is_file and out.is_dir():
+        raise SupremError(f"{out}: is a folder; give an output file name or a folder without an image ending")
     if out_is_file and len(cases) > 1:
         raise SupremError(f"{out}: several cases in the input, give an output folder")
     if inp.is_dir() and _is_within(out, inp):
