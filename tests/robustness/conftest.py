@@ -1,0 +1,59 @@
+"""Fixtures of the robustness matrix: a tiny raw dataset (copied per test) and a tiny model folder."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from suprem_net.synthetic import SyntheticSpec, write_raw_dataset
+from tests.robustness._util import DS, TINY_NET
+
+# coarse spacing: every volume is about 10 x 16 x 16 voxels, so each CLI run takes well under a second
+SMALL = SyntheticSpec(num_cases=3, num_classes=2, fov_mm=(60.0, 80.0, 80.0), inplane_spacing=(5.0, 5.0),
+                      z_spacing=(6.0, 6.0), seed=5)
+
+
+@pytest.fixture(scope="session")
+def _raw_template(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("raw_template")
+    write_raw_dataset(root / "raw", 901, SMALL, num_test=2)
+    return root / "raw"
+
+
+@pytest.fixture
+def raw(tmp_path, _raw_template) -> Path:
+    """A private copy of the 3-case raw dataset: ``tmp_path/raw/Dataset901_SynthAbdomen``."""
+    shutil.copytree(_raw_template, tmp_path / "raw")
+    return tmp_path / "raw" / DS
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, _raw_template) -> Path:
+    """A model folder (plans.json, dataset.json, fold_0/checkpoint_final.pth) with a tiny random network."""
+    from suprem_net.cli.plan_and_preprocess import main as plan_main
+    from suprem_net.networks import build_network
+
+    root = tmp_path_factory.mktemp("model")
+    pp = root / "pp"
+    assert plan_main(["-d", "901", "--raw", str(_raw_template), "--preprocessed", str(pp), "--no-preprocess",
+                      "--device", "cpu", "-np", "1"]) == 0
+    plan = json.loads((pp / DS / "suprem_plans.json").read_text())
+    plan["network"] = TINY_NET
+    plan["patch_size"] = [16, 16, 16]
+    torch.manual_seed(0)
+    net = build_network(plan["network"], 1, plan["num_classes"])
+    md = root / "results" / DS / "suprem_plans"
+    (md / "fold_0").mkdir(parents=True)
+    (md / "plans.json").write_text(json.dumps(plan))
+    shutil.copy(_raw_template / DS / "dataset.json", md / "dataset.json")
+    torch.save({"network_weights": net.state_dict()}, md / "fold_0" / "checkpoint_final.pth")
+    return md
+
+
+@pytest.fixture
+def test_images(_raw_template) -> Path:
+    """Two unlabelled images ``case_003_0000.nii.gz``, ``case_004_0000.nii.gz`` (read only: copy before changing)."""
+    return _raw_template / DS / "imagesTs"
