@@ -57,3 +57,22 @@ def model_dir(tmp_path_factory, _raw_template) -> Path:
 def test_images(_raw_template) -> Path:
     """Two unlabelled images ``case_003_0000.nii.gz``, ``case_004_0000.nii.gz`` (read only: copy before changing)."""
     return _raw_template / DS / "imagesTs"
+
+
+@pytest.fixture(scope="session")
+def train_root(tmp_path_factory, _raw_template) -> Path:
+    """``root/raw`` and ``root/pp`` (preprocessed, with a tiny network, 2 epochs of 2 iterations)."""
+    from suprem_net.cli.plan_and_preprocess import main as plan_main
+
+    root = tmp_path_factory.mktemp("train")
+    shutil.copytree(_raw_template, root / "raw")
+    assert plan_main(["-d", "901", "--raw", str(root / "raw"), "--preprocessed", str(root / "pp"),
+                      "--device", "cpu", "-np", "1"]) == 0
+    plan_path = root / "pp" / DS / "suprem_plans.json"
+    plan = json.loads(plan_path.read_text())
+    plan["network"] = TINY_NET
+    plan["patch_size"] = [8, 16, 16]
+    plan["batch_size"] = 2
+    plan["training"].update({"epochs": 2, "iterations_per_epoch": 2, "num_val_iterations": 1})
+    plan_path.write_text(json.dumps(plan))
+    return root
