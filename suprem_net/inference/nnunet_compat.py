@@ -22,6 +22,9 @@ into what :class:`suprem_net.inference.predictor.Predictor` needs:
   numbers; no code runs), never ``weights_only=False``;
 * the mirroring axes the trainer allowed (``inference_allowed_mirroring_axes``).
 
+For speed on the CPU the instance norms are computed by one ``group_norm`` call
+(:class:`FastInstanceNorm`, same arithmetic).
+
 Not supported (a one-line :class:`SupremError`): 2D configurations, the cascade
 (``previous_stage``), region-based training (sigmoid outputs), ZScore with
 ``use_mask_for_norm``, ``NoNormalization`` / ``RescaleTo01`` / ``RGBTo01`` channels, plans from
@@ -182,6 +185,36 @@ def build_nnunet_network(plan: dict) -> nn.Module:
         raise SupremError(f"{net['class']}: cannot build from the plan's arch_kwargs ({e})") from None
 
 
+class FastInstanceNorm(nn.Module):
+    """Inference-only drop-in for an affine ``InstanceNorm{2,3}d`` without running statistics:
+    one ``group_norm`` over (1, B*C, ...) with a group per (sample, channel), which is the same
+    arithmetic (per sample and channel mean / biased variance, eps, affine) and about twice
+    as fast as ``instance_norm``'s batch-norm route on the CPU (max difference ~1e-6)."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.weight, self.bias, self.eps = norm.weight, norm.bias, float(norm.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        y = torch.nn.functional.group_norm(x.reshape(1, b * c, *x.shape[2:]), b * c, self.weight.repeat(b),
+                                           self.bias.repeat(b), self.eps)
+        return y.view_as(x)
+
+
+def fast_instance_norms(model: nn.Module) -> int:
+    """Swap affine, statistics-free instance norms for :class:`FastInstanceNorm` (after loading
+    the weights: the parameters are shared, so ``state_dict`` keys are unchanged)."""
+    n = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if (isinstance(child, (nn.InstanceNorm3d, nn.InstanceNorm2d)) and child.affine
+                    and not child.track_running_stats):
+                setattr(module, name, FastInstanceNorm(child))
+                n += 1
+    return n
+
+
 def _numpy_scalar_globals() -> list:
     """What numpy scalars pickle to: the scalar reconstructor and the dtype classes."""
     try:
@@ -244,6 +277,7 @@ def load_nnunet_model(model_dir: str | Path, folds: Sequence[str | int] = ("0",)
         except RuntimeError as e:
             raise SupremError(f"{fold_dir / checkpoint}: weights do not fit the plan's network "
                               f"({str(e).splitlines()[0][:150]})") from None
+        fast_instance_norms(net)
         models.append(net.eval())
         mirror_axes = axes if mirror_axes is None else tuple(a for a in mirror_axes if a in (axes or ()))
     plan["mirror_axes"] = list(mirror_axes) if mirror_axes is not None else [0, 1, 2]

@@ -47,8 +47,8 @@ class nnUNetTrainer_supremBench(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = int(os.environ.get("SUPREM_BENCH_EPOCHS", "4"))
-        self.num_iterations_per_epoch = int(os.environ.get("SUPREM_BENCH_ITERS", "30"))
+        self.num_epochs = int(os.environ.get("SUPREM_BENCH_EPOCHS", "3"))
+        self.num_iterations_per_epoch = int(os.environ.get("SUPREM_BENCH_ITERS", "20"))
         self.num_val_iterations_per_epoch = 2
         self.initial_lr = 1e-2
 
@@ -56,9 +56,9 @@ class nnUNetTrainer_supremBench(nnUNetTrainer):
         pass
 '''
 
-# a CPU-sized 3d_fullres: 4 stages, 8..64 features, patch 32 x 96 x 96 (divisible by 2^3)
+# a CPU-sized 3d_fullres: 4 stages, 8..64 features, patch 16 x 64 x 64
 TINY = {
-    "patch_size": [32, 96, 96],
+    "patch_size": [16, 64, 64],
     "batch_size": 2,
     "n_stages": 4,
     "features_per_stage": [8, 16, 32, 64],
@@ -93,7 +93,7 @@ def setup(work: Path, cases: int, test: int, epochs: int, iters: int) -> Path:
     env = nn_env(work)
     raw = work / "raw"
     if not (raw / DATASET / "dataset.json").exists():
-        spec = SyntheticSpec(num_cases=cases, num_classes=3, inplane_spacing=(1.2, 1.6), z_spacing=(4.0, 6.0),
+        spec = SyntheticSpec(num_cases=cases, num_classes=3, inplane_spacing=(2.2, 2.8), z_spacing=(8.0, 10.0),
                              seed=11)
         write_raw_dataset(raw, DATASET_ID, spec, num_test=test)
     plans_file = work / "preprocessed" / DATASET / "nnUNetPlans.json"
@@ -169,8 +169,8 @@ def main(argv=None) -> dict:
     p.add_argument("--work", default=str(REPO / ".bench" / "agreement"))
     p.add_argument("--cases", type=int, default=6)
     p.add_argument("--test", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--iters", type=int, default=20)
     p.add_argument("--setup-only", action="store_true")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more suprem_predict flags")
     args = p.parse_args(argv)
