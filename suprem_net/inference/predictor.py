@@ -196,6 +196,12 @@ class Predictor:
     def predict_case(self, images: list[np.ndarray], geometry: Geometry,
                      probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Label map uint8 (Z, Y, X) in ``geometry`` (and float16 probabilities (K, Z, Y, X) if asked)."""
+        if self.plan.get("label_encoding") == "bitmask":  # multi-label: the combined map of sigmoid > 0.5
+            if probabilities:
+                raise SupremError("--save-probabilities is not supported for multi-label models")
+            from suprem_net.inference.multilabel import predict_multilabel
+
+            return predict_multilabel(self, images, geometry)[0], None
         fwd = self.plan.get("transpose_forward")  # nnU-Net models: axes permuted before preprocessing
         transposed = fwd is not None and list(fwd) != list(range(len(fwd)))
         if transposed:

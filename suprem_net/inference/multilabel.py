@@ -1,0 +1,96 @@
+"""Prediction and export for multi-label (bitmask, sigmoid) models.
+
+Each class is predicted independently: class c is present where sigmoid(logit_c) > 0.5, so
+masks may overlap. Results come back in the original image grid, like
+:func:`suprem_net.inference.export.revert_logits`: the logits (C, z, y, x) are resized along
+the first array axis at the low in-plane resolution, then slab by slab in-plane (at most
+C x ``slab`` x Y x X floats of the original resolution at once), thresholded, packed into a
+bitmask (bit c-1 = class c) and pasted into the crop box; the orientation is undone last.
+
+The combined label map gives every voxel the class with the highest probability among the
+classes that pass 0.5 (0 where none does): the plain ``suprem_predict`` output and
+``combined_labels.nii.gz`` of ``--per-organ``.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from suprem_net.io.image import Geometry, write_image
+from suprem_net.preprocessing import orientation as ori
+from suprem_net.preprocessing.bitmask import bitmask_dtype, channel, is_bitmask
+from suprem_net.preprocessing.resampling import _resize_axis
+
+logger = logging.getLogger(__name__)
+
+
+def _mode(axis: int, z_axis: int | None) -> str:
+    return "nearest" if axis == z_axis else "linear"
+
+
+def combine(logits: torch.Tensor) -> torch.Tensor:
+    """(C, ...) logits -> int64 label map: 1 + argmax over the classes with logit > 0, else 0."""
+    passing = logits > 0
+    best = logits.masked_fill(~passing, float("-inf")).argmax(0) + 1
+    return torch.where(passing.any(0), best, torch.zeros_like(best))
+
+
+def to_bitmask(logits: torch.Tensor) -> torch.Tensor:
+    """(C, ...) logits -> int64 bitmask with bit c set where logit c > 0."""
+    bits = torch.zeros(logits.shape[1:], dtype=torch.int64, device=logits.device)
+    for c in range(logits.shape[0]):
+        bits |= (logits[c] > 0).long() << c
+    return bits
+
+
+def revert_sigmoid(logits: torch.Tensor, props: dict, slab: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """``(combined labels (Z,Y,X), bitmask (Z,Y,X))`` in the original grid for ``logits`` (C, z, y, x)."""
+    c = logits.shape[0]
+    label_dtype = np.uint8 if c < 256 else np.uint16
+    target = [int(s) for s in props["shape_after_crop"]]
+    z_axis = props["separate_z_axis"]
+    combined = np.zeros(props["oriented_shape"], dtype=label_dtype)
+    bits = np.zeros(props["oriented_shape"], dtype=bitmask_dtype(c))
+    box = [slice(lo, hi) for lo, hi in props["bbox"]]
+    with torch.inference_mode():
+        x = logits
+        if x.shape[1] != target[0]:
+            x = _resize_axis(x.float(), 0, target[0], _mode(0, z_axis))
+        for z0 in range(0, target[0], slab):
+            part = x[:, z0:z0 + slab].float()
+            part = _resize_axis(part, 1, target[1], _mode(1, z_axis))
+            part = _resize_axis(part, 2, target[2], _mode(2, z_axis))
+            zs = slice(box[0].start + z0, box[0].start + z0 + part.shape[1])
+            combined[zs, box[1], box[2]] = combine(part).cpu().numpy().astype(label_dtype)
+            bits[zs, box[1], box[2]] = to_bitmask(part).cpu().numpy().astype(bits.dtype)
+            del part
+    if props.get("orientation"):
+        combined = ori.restore(combined, props["orientation"])
+        bits = ori.restore(bits, props["orientation"])
+    return np.ascontiguousarray(combined), np.ascontiguousarray(bits)
+
+
+def predict_multilabel(predictor, images: list[np.ndarray], geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
+    """``(combined labels, bitmask)`` in ``geometry`` for one case with a multi-label predictor."""
+    from suprem_net.preprocessing.case import preprocess_case
+
+    if not is_bitmask(predictor.plan):
+        raise ValueError("predict_multilabel needs a multi-label (bitmask) plan")
+    data, _, props = preprocess_case(images, geometry, predictor.plan)
+    logits = predictor._logits(data)
+    del data
+    return revert_sigmoid(logits, props)
+
+
+def write_per_organ_bitmask(case_dir: Path, combined: np.ndarray, bits: np.ndarray, geometry: Geometry,
+                            class_names: dict[int, str]) -> None:
+    """``case_dir/segmentations/<class>.nii.gz`` from each class's own bit (overlaps kept), then
+    ``case_dir/combined_labels.nii.gz`` (written last: its presence means the case is done)."""
+    for value, name in sorted(class_names.items()):
+        if value == 0:
+            continue
+        write_image(case_dir / "segmentations" / f"{name}.nii.gz", channel(bits, value).astype(np.uint8), geometry)
+    write_image(case_dir / "combined_labels.nii.gz", combined, geometry)
