@@ -154,10 +154,18 @@ def main(argv=None) -> int:
                                              tile_batch_size=args.tile_batch_size, precision=args.precision,
                                              lcc=True if args.lcc else None)
     names = predictor.class_names
+    multi_label = plan.get("label_encoding") == "bitmask"  # sigmoid model: classes may overlap
+    if multi_label and args.save_probabilities:
+        raise SupremError("--save-probabilities is not supported for multi-label models")
     ct = all(n.get("scheme") == "ct" for n in plan["normalization"])
     for case in tqdm(todo, unit="case", disable=len(todo) < 2):
         images, geo = read_case(case)
-        labels, probs = predictor.predict_case(images, geo, probabilities=args.save_probabilities)
+        if multi_label:  # labels: the combined map; bits: every class's own mask (bit c-1 = class c)
+            from suprem_net.inference.multilabel import predict_multilabel
+
+            (labels, bits), probs = predict_multilabel(predictor, images, geo), None
+        else:
+            labels, probs = predictor.predict_case(images, geo, probabilities=args.save_probabilities)
         if out_is_file:
             stem = out.parent / next(out.name[: -len(e)] for e in IMAGE_ENDINGS if out.name.endswith(e))
         else:
@@ -168,7 +176,11 @@ def main(argv=None) -> int:
         if args.preview:
             png = Path(f"{stem}.png") if not args.per_organ else out / case.name / "preview.png"
             write_preview(png, images[0], labels, geo, names, window=(-160.0, 240.0) if ct else None, title=case.name)
-        if args.per_organ:
+        if args.per_organ and multi_label:
+            from suprem_net.inference.multilabel import write_per_organ_bitmask
+
+            write_per_organ_bitmask(out / case.name, labels, bits, geo, names)
+        elif args.per_organ:
             export.write_per_organ(out / case.name, labels, geo, names)
         else:
             export.write_labels(target(case), labels, geo)
