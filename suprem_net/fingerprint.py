@@ -24,22 +24,29 @@ FINGERPRINT_VERSION = 1
 
 
 def _analyze_case(args) -> dict:
-    case, index, n_samples, allowed, labels = args
+    case, index, n_samples, allowed, labels = args[:5]
+    n_bits = args[5] if len(args) > 5 else None  # bitmask (multi-label) datasets: number of classes
     import torch
 
     torch.set_num_threads(1)
     images, geos = zip(*(read_image(p, dtype=None) for p in case.images))
     label, _ = read_image(case.label, dtype=None)
-    problems = voxel_problems(case.case_id, case.images, images, case.label, label, allowed)
+    problems = voxel_problems(case.case_id, case.images, images, case.label, label, allowed, n_bits)
     out = {"case_id": case.case_id, "problems": problems}
     if problems:
         return out
     geo = geos[0]
-    label = label.astype(np.int16)
     data = np.stack([im.astype(np.float32) for im in images])
     bbox = nonzero_bbox(data)
     voxel_ml = float(np.prod(geo.spacing)) / 1000.0
-    counts = np.bincount(label.reshape(-1), minlength=max(labels.values()) + 1)
+    if n_bits is not None:  # voxels per class bit; a voxel may count for several classes
+        from suprem_net.preprocessing.bitmask import class_counts
+
+        label = label.astype(np.int64)
+        counts = np.array([0] + class_counts(label, n_bits))
+    else:
+        label = label.astype(np.int16)
+        counts = np.bincount(label.reshape(-1), minlength=max(labels.values()) + 1)
     fg = label > 0
     rng = np.random.default_rng([1234, index])
     samples = []
@@ -71,7 +78,8 @@ def compute_fingerprint(ds: RawDataset, cases: list[Case], num_workers: int = 2)
     """Read every training case once; raise IntegrityError listing all voxel-level problems."""
     n_samples = max(1, MAX_TOTAL_SAMPLES // max(1, len(cases)))
     allowed = set(ds.labels.values())
-    jobs = [(c, i, n_samples, allowed, ds.labels) for i, c in enumerate(cases)]
+    n_bits = len(ds.labels) - 1 if ds.spec.get("label_encoding") == "bitmask" else None
+    jobs = [(c, i, n_samples, allowed, ds.labels, n_bits) for i, c in enumerate(cases)]
     results = _map(_analyze_case, jobs, num_workers, "fingerprint")
     problems = [p for r in results for p in r["problems"]]
     if problems:

@@ -91,13 +91,20 @@ def _duplicate_problems(ds: RawDataset, cases: list, known: set[str]) -> list[st
 
 
 def voxel_problems(case_id: str, image_paths, images: list[np.ndarray], label_path,
-                   label: np.ndarray, allowed_labels: set[int]) -> list[str]:
+                   label: np.ndarray, allowed_labels: set[int], bitmask_classes: int | None = None) -> list[str]:
+    """Image and label value problems. ``bitmask_classes`` (multi-label datasets): the label is a
+    bitmask of that many classes, so any OR-combination of the class bits is allowed."""
     problems = []
     for p, im in zip(image_paths, images):
         if has_nonfinite(p, im):
             problems.append(f"{p}: image contains NaN or Inf values")
         elif im.size and im.min() == im.max():
             problems.append(f"{p}: image is constant (every voxel is {float(im.flat[0]):g}): an empty or failed export?")
+    if bitmask_classes is not None:
+        from suprem_net.preprocessing.bitmask import value_problem
+
+        problem = value_problem(label, bitmask_classes)
+        return problems + ([f"{label_path}: {problem}"] if problem else [])
     if np.issubdtype(label.dtype, np.floating) and not np.array_equal(label, np.round(label)):
         problems.append(f"{label_path}: label has non-integer values")
         return problems

@@ -90,7 +90,8 @@ def main(argv=None) -> int:
         return 0
     shard = parse_shard(args.shard)
     data_dir = out / plan["data_identifier"]
-    counts = preprocess_dataset(cases, plan, data_dir, args.num_processes, shard)
+    counts = preprocess_dataset(cases, plan, data_dir, args.num_processes, shard,
+                                partial_labels=ds.spec.get("partial_labels"))
     print(f"preprocessed {counts['preprocessed']} cases, skipped {counts['skipped']} finished ones -> {data_dir}")
     if shard[1] == 1:
         missing = verify_complete(cases, plan, data_dir)

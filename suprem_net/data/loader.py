@@ -24,10 +24,33 @@ from batchgenerators.dataloading.single_threaded_augmenter import SingleThreaded
 from suprem_net.data.augmentation import AugmentationConfig, training_transforms
 from suprem_net.data.dataset import CaseStore
 from suprem_net.data.sampler import choose_region, forced_foreground, read_size
-
-log = logging.getLogger(__name__)
+from suprem_net.preprocessing.bitmask import pack16
 
 TRAIN_STREAM, VAL_STREAM = 0, 1
+
+
+def label_channels_of(plan: dict | None) -> tuple[int, int]:
+    """(bits of a bitmask label or 0, output channels of the network) for a plan."""
+    if plan is None:
+        return 0, 0
+    n = int(plan["num_classes"])
+    return (n if plan.get("label_encoding") == "bitmask" else 0), n
+
+
+def annotated_matrix(annotated: list[list[int] | None], n_out: int, multi_label: bool) -> np.ndarray:
+    """(B, n_out) bool: which output channels are annotated in each sample's case. Multi-label:
+    channel c-1 is class c; single-label: channel c is class c and background (0) is always on.
+    A case without ``annotated_classes`` is fully annotated."""
+    out = np.ones((len(annotated), n_out), dtype=bool)
+    for b, classes in enumerate(annotated):
+        if classes is None:
+            continue
+        out[b] = False
+        idx = [int(c) - 1 for c in classes] if multi_label else [0] + [int(c) for c in classes]
+        out[b, idx] = True
+    return out
+
+log = logging.getLogger(__name__)
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -55,6 +78,7 @@ class PatchLoader(SlimDataLoaderBase):
         self.oversample, self.seed, self.rank, self.stream = oversample, seed, rank, stream
         self.iterations_per_epoch, self.start_epoch = iterations_per_epoch, start_epoch
         self.counter = 0
+        self.label_channels = label_channels_of(None)  # set by make_loader from the plan
         self._owner_pid = os.getpid()
         self._guarded_pid: int | None = None
 
@@ -85,8 +109,13 @@ class PatchLoader(SlimDataLoaderBase):
             images.append(img)
             segs.append(seg)
             keys.append(case_id)
-        return {"data": np.stack(images), "seg": np.stack(segs).astype(np.int16), "keys": keys,
-                "epoch": epoch, "iteration": iteration}
+        n_bits, n_out = self.label_channels
+        seg = pack16(np.stack(segs), n_bits) if n_bits else np.stack(segs).astype(np.int16)
+        batch = {"data": np.stack(images), "seg": seg, "keys": keys, "epoch": epoch, "iteration": iteration}
+        annotated = [self.store.properties(k).get("annotated_classes") for k in keys]
+        if any(a is not None for a in annotated):
+            batch["annotated"] = annotated_matrix(annotated, n_out, multi_label=bool(n_bits))
+        return batch
 
 
 def make_loader(store: CaseStore, case_ids: list[str], plan: dict, *, batch_size: int, seed: int, rank: int,
@@ -104,6 +133,7 @@ def make_loader(store: CaseStore, case_ids: list[str], plan: dict, *, batch_size
     loader = PatchLoader(store, case_ids, patch, size, batch_size, oversample, seed, rank,
                          TRAIN_STREAM if train else VAL_STREAM, iterations_per_epoch, start_epoch,
                          max(1, num_workers))
+    loader.label_channels = label_channels_of(plan)
     log.debug("%s loader: patch %s, read %s, %d workers", "train" if train else "val", patch, size, num_workers)
     if num_workers <= 0:
         return SingleThreadedAugmenter(loader, transform)

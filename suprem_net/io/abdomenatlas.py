@@ -9,6 +9,10 @@ in that case, so thin or nested structures (vessels in organs, tumours in organs
 instead of being painted over by the organ that contains them. Classes are numbered in
 the AbdomenAtlas 1.1 order; names not in it follow alphabetically. Cases that lack some
 mask files are listed in ``dataset.json["partial_labels"]`` (class names missing per case).
+
+``multi_label=True`` (``--multi-label``) keeps every class as its own channel instead: the label
+map is a bitmask (bit c-1 set where class c's mask is 1; see docs/multilabel.md) and dataset.json
+gets ``"label_encoding": "bitmask"``.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from suprem_net.errors import InputError, SupremError
 from suprem_net.fingerprint import _map
 from suprem_net.io.atomic import atomic_path, write_json
 from suprem_net.io.image import read_header, read_image, write_image
+from suprem_net.preprocessing import bitmask
 
 ATLAS_CLASSES = [
     "aorta", "gall_bladder", "kidney_left", "kidney_right", "liver", "pancreas", "postcava", "spleen", "stomach",
@@ -54,7 +59,7 @@ def scan(root: Path) -> tuple[list[Path], list[str]]:
 
 
 def _convert_case(args) -> tuple[str, list[str]]:
-    case_dir, classes, out = args
+    case_dir, classes, out, multi_label = args
     case = case_dir.name
     label_path = out / "labelsTr" / f"{case}.nii.gz"
     image_path = out / "imagesTr" / f"{case}_0000.nii.gz"
@@ -72,10 +77,13 @@ def _convert_case(args) -> tuple[str, list[str]]:
         masks[value] = m > 0
     if label_path.is_file() and image_path.is_file():
         return case, missing
-    seg = np.zeros(ct_geo.shape, dtype=np.uint8 if len(classes) < 256 else np.uint16)
-    # paint the largest masks first so that smaller (nested) structures win overlaps
-    for value in sorted(masks, key=lambda v: -int(masks[v].sum())):
-        seg[masks[value]] = value
+    if multi_label:
+        seg = bitmask.encode(masks, ct_geo.shape, len(classes))
+    else:
+        seg = np.zeros(ct_geo.shape, dtype=np.uint8 if len(classes) < 256 else np.uint16)
+        # paint the largest masks first so that smaller (nested) structures win overlaps
+        for value in sorted(masks, key=lambda v: -int(masks[v].sum())):
+            seg[masks[value]] = value
     with atomic_path(image_path) as tmp:
         shutil.copyfile(case_dir / "ct.nii.gz", tmp)
     write_image(label_path, seg, ct_geo)  # written last: marks the case as converted
@@ -83,26 +91,31 @@ def _convert_case(args) -> tuple[str, list[str]]:
 
 
 def convert(root: str | Path, raw_root: str | Path, dataset_id: int, name: str = "AbdomenAtlas",
-            num_workers: int = 2) -> Path:
+            num_workers: int = 2, multi_label: bool = False) -> Path:
     root = Path(root)
     cases, classes = scan(root)
+    if multi_label:
+        bitmask.bitmask_dtype(len(classes))  # more than 32 classes -> SupremError
     out = Path(raw_root) / f"Dataset{dataset_id:03d}_{name}"
     existing = [p for p in Path(raw_root).glob(f"Dataset{dataset_id:03d}_*") if p != out]
     if existing:
         raise SupremError(f"dataset id {dataset_id} is already used by {existing[0]}")
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
-    results = _map(_convert_case, [(c, classes, out) for c in cases], num_workers, "convert")
+    results = _map(_convert_case, [(c, classes, out, multi_label) for c in cases], num_workers, "convert")
     partial = {case: missing for case, missing in results if missing}
     spec = {
         "name": name,
         "description": f"converted from the AbdomenAtlas layout at {root} by suprem_convert_abdomenatlas; "
-                       "overlaps resolved smallest-mask-wins",
+                       + ("multi-label: bitmask label maps, overlaps kept" if multi_label
+                          else "overlaps resolved smallest-mask-wins"),
         "channel_names": {"0": "CT"},
         "labels": {"background": 0, **{n: i for i, n in enumerate(classes, start=1)}},
         "numTraining": len(cases),
         "file_ending": ".nii.gz",
     }
+    if multi_label:
+        spec["label_encoding"] = bitmask.BITMASK
     if partial:
         spec["partial_labels"] = partial
     write_json(out / "dataset.json", spec)

@@ -44,6 +44,11 @@ class RawDataset:
         """Output channels of a softmax network, background included."""
         return max(self.labels.values()) + 1
 
+    @property
+    def label_encoding(self) -> str:
+        """``"label_map"`` (one class per voxel, the default) or ``"bitmask"`` (multi-label)."""
+        return self.spec.get("label_encoding", "label_map")
+
     def training_cases(self) -> list[Case]:
         return self._cases(self.root / "imagesTr", self.root / "labelsTr")
 
@@ -106,6 +111,18 @@ def _spec_problem(spec) -> str | None:
     values = sorted(labels.values())
     if values != list(range(len(values))):
         return f"label values must be consecutive from 0, got {values}"
+    encoding = spec.get("label_encoding", "label_map")
+    if encoding not in ("label_map", "bitmask"):
+        return f"label_encoding must be 'label_map' or 'bitmask', got {encoding!r}"
+    if encoding == "bitmask" and not 1 <= len(values) - 1 <= 32:
+        return f"a bitmask label map holds 1 to 32 classes, dataset.json has {len(values) - 1}"
+    partial = spec.get("partial_labels", {})
+    if not isinstance(partial, dict) or any(not isinstance(v, list) for v in partial.values()):
+        return "partial_labels must map case ids to lists of class names"
+    named = {n for v in partial.values() for n in v}
+    unknown = sorted(n for n in named if n not in labels or n == "background")
+    if unknown:
+        return f"partial_labels names classes that are not in labels (or background): {unknown[:5]}"
     if not spec["file_ending"].startswith("."):
         return f"file_ending must start with '.', got {spec['file_ending']!r}"
     return None

@@ -146,11 +146,15 @@ def make_plan(ds_spec: dict, fp: dict, *, plans_name: str, network: str | None =
     spacing = list(pre["target_spacing"]) if pre else target_spacing(fp)
     median_shape = median_resampled_shape(fp, spacing)
     in_ch = len(ds_spec["channel_names"])
-    n_cls = max(ds_spec["labels"].values()) + 1
+    multi_label = ds_spec.get("label_encoding") == "bitmask"
+    # multi-label: one sigmoid channel per class, no background channel
+    n_cls = max(ds_spec["labels"].values()) + (0 if multi_label else 1)
     budget = {"memory_bytes": default_memory_budget(device, gpu_memory_gb)}
     if device == "cpu":
         budget["flops"] = cpu_seconds_per_iteration * cpu_gflops * 1e9
     training = _training_defaults(family, pre, device)
+    if multi_label:
+        training["loss"] = "dice_bce"  # SuPreM's pre-training loss: sigmoid Dice + BCE
     slots = 2 if training["optimizer"] == "adamw" else 1
     dtype = "float32" if device == "cpu" else "bfloat16"
     if family in ("nnunet", "resenc"):
@@ -168,7 +172,7 @@ def make_plan(ds_spec: dict, fp: dict, *, plans_name: str, network: str | None =
             if _fits(m_next, budget) > 1.0:
                 break
             batch, m = batch + 1, m_next
-    return {
+    plan = {
         "plans_name": plans_name,
         "dataset_name": fp["dataset"],
         "preset": preset,
@@ -192,6 +196,10 @@ def make_plan(ds_spec: dict, fp: dict, *, plans_name: str, network: str | None =
                    "flops_budget": budget.get("flops"), **m},
         "training": training,
     }
+    if multi_label:
+        plan["label_encoding"] = "bitmask"
+        plan["resampling"]["labels"] = "linear_threshold"
+    return plan
 
 
 def summary(plan: dict) -> str:

@@ -48,7 +48,11 @@ def preprocess_case(images: list[np.ndarray], geometry: Geometry, plan: dict, se
     new_shape = resampled_shape(data.shape[1:], spacing, target)
     z_axis = separate_z_axis(spacing, target, plan["resampling"]["anisotropy_threshold"])
     data = resample_image(data, new_shape, z_axis)
-    if seg is not None:
+    if seg is not None and plan.get("label_encoding") == "bitmask":
+        from suprem_net.preprocessing.bitmask import resample_bitmask
+
+        seg = resample_bitmask(seg, new_shape, z_axis, plan["num_classes"])
+    elif seg is not None:
         seg = resample_labels(np.ascontiguousarray(seg), new_shape, z_axis, plan["num_classes"])
     props = {
         "geometry": geometry.to_dict(),

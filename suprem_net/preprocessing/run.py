@@ -17,6 +17,7 @@ from suprem_net.fingerprint import _map
 from suprem_net.io.atomic import read_json, write_json
 from suprem_net.io.dataset import Case
 from suprem_net.io.image import read_image
+from suprem_net.preprocessing import bitmask
 from suprem_net.preprocessing.case import preprocess_case, sample_class_locations
 from suprem_net.preprocessing.storage import case_files, save_array
 
@@ -27,7 +28,10 @@ _DATA_FIELDS = ("orientation", "target_spacing", "normalization", "resampling", 
 
 
 def plan_hash(plan: dict) -> str:
-    blob = json.dumps({k: plan[k] for k in _DATA_FIELDS}, sort_keys=True)
+    fields = {k: plan[k] for k in _DATA_FIELDS}
+    if plan.get("label_encoding"):  # only when set, so that older plans keep their hash
+        fields["label_encoding"] = plan["label_encoding"]
+    blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -55,13 +59,18 @@ def _is_done(props_path: Path, h: str) -> bool:
 
 
 def _preprocess_one(args) -> str:
-    case, plan, out_dir, h = args
+    case, plan, out_dir, h = args[:4]
+    annotated = args[4] if len(args) > 4 else None  # class numbers annotated in this case (partial labels)
     import torch
 
     torch.set_num_threads(1)
     images, geos = zip(*(read_image(p, dtype=np.float32) for p in case.images))
     label = read_image(case.label, dtype=None)[0] if case.label is not None else None
-    seg_dtype = np.uint8 if plan["num_classes"] <= 255 else np.uint16
+    multi_label = bitmask.is_bitmask(plan)
+    if multi_label:
+        seg_dtype = bitmask.bitmask_dtype(plan["num_classes"])
+    else:
+        seg_dtype = np.uint8 if plan["num_classes"] <= 255 else np.uint16
     if label is not None:
         label = label.astype(seg_dtype)
     data, seg, props = preprocess_case(list(images), geos[0], plan, label)
@@ -71,16 +80,36 @@ def _preprocess_one(args) -> str:
     save_array(files["image"], data.astype(st["dtype"]), patch, st["codec"], st["clevel"])
     if seg is not None:
         save_array(files["seg"], seg[None], patch, st["codec"], st["clevel"])
-        props["class_locations"] = sample_class_locations(seg, plan["num_classes"])
+        props["class_locations"] = (bitmask.class_locations(seg, plan["num_classes"]) if multi_label
+                                    else sample_class_locations(seg, plan["num_classes"]))
+        if annotated is not None:
+            props["annotated_classes"] = annotated
         props["raw_label"] = str(case.label)
     props.update({"case_id": case.case_id, "plan_hash": h, "raw_images": [str(p) for p in case.images]})
     write_json(files["properties"], props)
     return case.case_id
 
 
+def annotated_per_case(plan: dict, partial_labels: dict | None) -> dict[str, list[int]] | None:
+    """Annotated class numbers of the cases listed in ``partial_labels``, or None when nothing is to be
+    recorded. Multi-label plans always record ``annotated_classes``; single-label plans only when the
+    dataset has partial labels. Cases not listed annotate every class (:func:`_annotated`)."""
+    if not partial_labels and not bitmask.is_bitmask(plan):
+        return None
+    return {case: bitmask.annotated_classes(plan["labels"], missing) for case, missing in (partial_labels or {}).items()}
+
+
+def _annotated(table: dict[str, list[int]] | None, plan: dict, case_id: str) -> list[int] | None:
+    if table is None:
+        return None
+    return table.get(case_id, bitmask.annotated_classes(plan["labels"], None))
+
+
 def preprocess_dataset(cases: list[Case], plan: dict, out_dir: Path, num_workers: int = 2,
-                       shard: tuple[int, int] = (0, 1)) -> dict:
-    """Preprocess the cases of ``shard`` that are not finished yet. Returns counts."""
+                       shard: tuple[int, int] = (0, 1), partial_labels: dict | None = None) -> dict:
+    """Preprocess the cases of ``shard`` that are not finished yet. Returns counts.
+
+    ``partial_labels`` (dataset.json): {case: [class names not annotated]}; see :func:`annotated_per_case`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     h = plan_hash(plan)
     i, n = shard
@@ -88,7 +117,9 @@ def preprocess_dataset(cases: list[Case], plan: dict, out_dir: Path, num_workers
     todo = [c for c in mine if not _is_done(case_files(out_dir, c.case_id)["properties"], h)]
     log.info("preprocessing %d of %d cases (%d already done) into %s", len(todo), len(mine), len(mine) - len(todo),
              out_dir)
-    _map(_preprocess_one, [(c, plan, out_dir, h) for c in todo], num_workers, "preprocess")
+    table = annotated_per_case(plan, partial_labels)
+    _map(_preprocess_one, [(c, plan, out_dir, h, _annotated(table, plan, c.case_id)) for c in todo], num_workers,
+         "preprocess")
     return {"cases": len(mine), "preprocessed": len(todo), "skipped": len(mine) - len(todo)}
 
 

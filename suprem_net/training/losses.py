@@ -55,10 +55,13 @@ class SegmentationLoss(nn.Module):
     """Applies :class:`DiceCELoss` to one output, or to every deep-supervision output with
     weights :func:`deep_supervision_weights` and targets downsampled per the plan's strides."""
 
-    def __init__(self, strides=None):
+    def __init__(self, strides=None, base: nn.Module | None = None):
         super().__init__()
-        self.base = DiceCELoss()
+        self.base = base if base is not None else DiceCELoss()
         self.strides = strides
+
+    def _base(self, output, target, annotated):
+        return self.base(output, target) if annotated is None else self.base(output, target, annotated)
 
     def targets(self, output, target: torch.Tensor):
         if not isinstance(output, (list, tuple)):
@@ -69,9 +72,11 @@ class SegmentationLoss(nn.Module):
         return [target if o.shape[2:] == target.shape[2:] else
                 F.interpolate(target.float(), size=o.shape[2:], mode="nearest").to(target.dtype) for o in output]
 
-    def forward(self, output, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, output, target: torch.Tensor, annotated: torch.Tensor | None = None) -> torch.Tensor:
+        """``annotated`` (B, K) bool: per sample, which output channels its case annotates (partial
+        labels); only the losses of :mod:`suprem_net.training.multilabel_loss` accept it."""
         if not isinstance(output, (list, tuple)):
-            return self.base(output, target)
+            return self._base(output, target, annotated)
         targets = self.targets(output, target)
         weights = deep_supervision_weights(len(output))
         total = 0.0
@@ -79,5 +84,5 @@ class SegmentationLoss(nn.Module):
             if w > 0:
                 if o.shape[2:] != t.shape[2:]:
                     raise RuntimeError(f"deep supervision output {tuple(o.shape)} vs target {tuple(t.shape)}")
-                total = total + w * self.base(o, t)
+                total = total + w * self._base(o, t, annotated)
         return total

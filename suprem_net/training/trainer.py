@@ -23,7 +23,8 @@ from suprem_net.io.atomic import read_json, write_json
 from suprem_net.networks import build_network
 from suprem_net.training import checkpoint as ck
 from suprem_net.training import distributed as dd
-from suprem_net.training.losses import SegmentationLoss
+from suprem_net.training.label_metrics import confusion_stats, scored_classes
+from suprem_net.training.multilabel_loss import make_loss
 from suprem_net.training.progress import (
     attach_log_file, detach_log_file, new_history, plot_progress, pseudo_dice, update_ema,
 )
@@ -125,10 +126,13 @@ def load_pretrained_weights(model, plan: dict, name_or_path: str, labels: dict) 
                     plan["network"]["family"] if plan["network"]["family"] != "nnunet" else "suprem_unet")
 
 
-def _to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(image, labels, annotated (B, K) bool or None: which classes each sample's case annotates)."""
     x = torch.as_tensor(np.ascontiguousarray(batch["data"]), dtype=torch.float32)
     y = torch.as_tensor(np.ascontiguousarray(batch["seg"])).round().long()
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    ann = batch.get("annotated")
+    ann = torch.as_tensor(np.asarray(ann, dtype=bool)).to(device) if ann is not None else None
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True), ann
 
 
 class FoldTraining:
@@ -179,8 +183,7 @@ class FoldTraining:
         self.optimizer = make_optimizer(groups, self.tr)
         self.schedule = EpochSchedule(self.optimizer, self.tr, self.epochs)
         self.autocast_dtype, self.scaler = precision_setup(cfg.precision, self.device)
-        self.loss_fn = SegmentationLoss(plan["network"].get("kwargs", {}).get("strides")
-                                        if family in ("nnunet", "resenc") else None)
+        self.loss_fn = make_loss(plan)  # Dice + CE (softmax) or Dice + BCE (multi-label), deep supervision
         latest = self.fold_dir / "checkpoint_latest.pth"
         if cfg.resume and latest.is_file():
             state = ck.load_checkpoint(latest, map_location=self.device)
@@ -218,11 +221,12 @@ class FoldTraining:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, freeze_encoder: bool) -> float | None:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, freeze_encoder: bool,
+                   annotated: torch.Tensor | None = None) -> float | None:
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             out = self.net(x)
-            loss = self.loss_fn(out, y)
+            loss = self.loss_fn(out, y, annotated)
         if not dd.all_true(bool(torch.isfinite(loss).item()), self.dist, self.device):
             self.nonfinite_in_a_row += 1
             log.warning("non-finite loss (%s), step skipped (%d in a row)", float(loss.item()), self.nonfinite_in_a_row)
@@ -250,21 +254,13 @@ class FoldTraining:
         return float(loss.detach().item())
 
     @torch.no_grad()
-    def val_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
+    def val_step(self, x: torch.Tensor, y: torch.Tensor,
+                 annotated: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
         with self._autocast():
             out = self.model(x)
-            loss = self.loss_fn(out, y)
+            loss = self.loss_fn(out, y, annotated)
         logits = out[0] if isinstance(out, (list, tuple)) else out
-        pred = logits.argmax(1)
-        target = y[:, 0]
-        k = self.plan["num_classes"]
-        stats = torch.zeros(3, k - 1, dtype=torch.float64, device=self.device)
-        for c in range(1, k):
-            p, t = pred == c, target == c
-            stats[0, c - 1] = (p & t).sum()
-            stats[1, c - 1] = (p & ~t).sum()
-            stats[2, c - 1] = (~p & t).sum()
-        return float(loss.item()), stats
+        return float(loss.item()), confusion_stats(logits.float(), y, self.plan, annotated)
 
     # ---------------------------------------------------------------- epochs
     def run_epoch(self, epoch: int) -> None:
@@ -278,9 +274,9 @@ class FoldTraining:
                    disable=not (self.dist.is_main and self.cfg.progress_bar))
         for _ in range(iters):
             tw = time.perf_counter()
-            x, y = _to_device(next(self.train_loader), self.device)
+            x, y, ann = _to_device(next(self.train_loader), self.device)
             wait += time.perf_counter() - tw
-            loss = self.train_step(x, y, freeze)
+            loss = self.train_step(x, y, freeze, ann)
             if loss is not None:
                 losses.append(loss)
                 bar.set_postfix(loss=f"{loss:.4f}")
@@ -288,12 +284,12 @@ class FoldTraining:
         bar.close()
         train_time = time.perf_counter() - t0
         self.model.eval()
-        val_losses, stats = [], torch.zeros(3, self.plan["num_classes"] - 1, dtype=torch.float64, device=self.device)
+        val_losses, stats = [], torch.zeros(3, scored_classes(self.plan), dtype=torch.float64, device=self.device)
         for _ in range(int(self.tr["num_val_iterations"])):
             tw = time.perf_counter()
-            x, y = _to_device(next(self.val_loader), self.device)
+            x, y, ann = _to_device(next(self.val_loader), self.device)
             wait += time.perf_counter() - tw
-            vl, st = self.val_step(x, y)
+            vl, st = self.val_step(x, y, ann)
             val_losses.append(vl)
             stats += st
         dd.all_reduce_sum(stats, self.dist)

@@ -11,6 +11,7 @@ import numpy as np
 from suprem_net.errors import SupremError
 from suprem_net.io.atomic import write_json
 from suprem_net.io.image import read_image, write_image
+from suprem_net.preprocessing.bitmask import channel
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,15 @@ def _nanmean(values) -> float | None:
 
 def _clean(v):
     return None if isinstance(v, float) and math.isnan(v) else v
+
+
+def _predict_bitmask(predictor, image_paths) -> tuple[np.ndarray, object]:
+    from suprem_net.inference.inputs import Case, read_case
+    from suprem_net.inference.multilabel import predict_multilabel
+
+    paths = [Path(p) for p in image_paths]
+    images, geometry = read_case(Case(name=paths[0].name, files=paths))
+    return predict_multilabel(predictor, images, geometry)[1], geometry
 
 
 def validate_fold(plan: dict, model, store, case_ids: list[str], out_dir: Path, device,
@@ -36,17 +46,26 @@ def validate_fold(plan: dict, model, store, case_ids: list[str], out_dir: Path, 
     model.eval()
     predictor = Predictor.from_model(plan, model, device=device, tta=False)
     labels = {name: int(v) for name, v in plan["labels"].items() if int(v) != 0}
+    multi = plan.get("label_encoding") == "bitmask"  # multi-label: score every class's own mask
     cases = []
     for case_id in case_ids:
         props = store.properties(case_id)
-        seg, geometry = predictor.predict_files(props["raw_images"])
-        write_image(out_dir / f"{case_id}{plan.get('file_ending', '.nii.gz')}", seg.astype(np.uint8), geometry)
+        if multi:
+            seg, geometry = _predict_bitmask(predictor, props["raw_images"])
+        else:
+            seg, geometry = predictor.predict_files(props["raw_images"])
+            seg = seg.astype(np.uint8)
+        write_image(out_dir / f"{case_id}{plan.get('file_ending', '.nii.gz')}", seg, geometry)
         ref, ref_geo = read_image(props["raw_label"], dtype=None)
         if ref.shape != seg.shape:
             raise RuntimeError(f"{case_id}: prediction {seg.shape} vs reference {ref.shape}")
         row = {"case_id": case_id, "dice": {}, "nsd": {}}
+        annotated = props.get("annotated_classes")
         for name, v in labels.items():
-            p, r = seg == v, ref == v
+            if annotated is not None and v not in annotated:  # partial labels: nothing to score against
+                row["dice"][name] = row["nsd"][name] = None
+                continue
+            p, r = (channel(seg, v), channel(ref, v)) if multi else (seg == v, ref == v)
             row["dice"][name] = _clean(dice(p, r))
             row["nsd"][name] = _clean(normalized_surface_dice(p, r, ref_geo.spacing, tolerance_mm=tolerance_mm))
         cases.append(row)
