@@ -78,7 +78,7 @@ def load_state_dict(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling problem is a bad file
-        raise SupremError(f"{path}: cannot load checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:150]})") from None
+        raise SupremError(f"{path}: cannot load checkpoint ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]})") from None
     if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
         raise SupremError(f"{path}: not a suprem_net checkpoint (no 'network_weights')")
     state = ckpt["network_weights"]

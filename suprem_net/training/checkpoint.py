@@ -6,6 +6,7 @@ tensors, lists and ints), ``logging`` (per-epoch lists), ``best_ema``, ``plans_n
 """
 from __future__ import annotations
 
+import errno
 import logging
 import random
 from pathlib import Path
@@ -61,7 +62,11 @@ def save_checkpoint(path: Path, *, model, optimizer, schedule, scaler, epoch: in
         "fold": str(fold),
     }
     with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+        try:
+            torch.save(ckpt, tmp)
+        except RuntimeError as e:  # torch's zip writer reports a failed write (full disk) this way
+            raise OSError(errno.EIO, f"write failed, is the disk full? ({' '.join(str(e).split())[:120]})",
+                          str(path)) from None
     log.debug("wrote %s", path)
 
 

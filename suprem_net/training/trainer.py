@@ -331,6 +331,10 @@ class FoldTraining:
             plot_progress(self.history, self.fold_dir / "progress.png", names)
 
     def run(self) -> dict:
+        if self.cfg.pretrained:  # a missing or unknown checkpoint fails before anything is written
+            from suprem_net.weights import resolve_checkpoint
+
+            resolve_checkpoint(self.cfg.pretrained)
         handler = attach_log_file(self.fold_dir / "training_log.txt") if self.dist.is_main else None
         try:
             self.build()

@@ -165,9 +165,6 @@ def test_unexpected_oserror_is_not_swallowed(raw, tmp_path, monkeypatch):
         plan_main(_plan_argv(raw, tmp_path / "pp"))
 
 
-@pytest.mark.xfail(strict=True, reason="training/checkpoint.save_checkpoint: torch.save reports the short write as "
-                                       "RuntimeError ('[enforce fail at inline_container.cc] unexpected pos'), "
-                                       "which the CLI shows as a traceback with exit code 1")
 def test_training_on_a_full_disk(train_root, tmp_path):
     results = tmp_path / "results"
     argv = ["901", "0", "--raw", str(train_root / "raw"), "--preprocessed", str(train_root / "pp"), "--results",
