@@ -109,6 +109,14 @@ def test_convert_and_preprocess_multilabel(ml_root):
     assert pre.dtype == np.uint8 and ((pre & 8) > 0)[(pre & 1) > 0].any()
 
 
+def test_rerun_cannot_mix_label_encodings(ml_root, capsys):
+    from suprem_net.cli.convert_abdomenatlas import main as convert_main
+
+    with pytest.raises(SystemExit) as e:  # the multi-label dataset 903 exists: a single-label rerun is refused
+        convert_main([str(ml_root / "atlas"), "-d", "903", "--name", "AtlasML", "--raw", str(ml_root / "raw"), "-np", "1"])
+    assert e.value.code == 2 and "--multi-label" in capsys.readouterr().err
+
+
 def test_masked_loss_gives_exactly_zero_gradient_to_unannotated_classes(ml_root):
     from suprem_net.data.dataset import CaseStore
     from suprem_net.data.loader import annotated_matrix

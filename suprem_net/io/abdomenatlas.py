@@ -23,7 +23,7 @@ import numpy as np
 
 from suprem_net.errors import InputError, SupremError
 from suprem_net.fingerprint import _map
-from suprem_net.io.atomic import atomic_path, write_json
+from suprem_net.io.atomic import atomic_path, read_json, write_json
 from suprem_net.io.image import read_header, read_image, write_image
 from suprem_net.preprocessing import bitmask
 
@@ -100,6 +100,12 @@ def convert(root: str | Path, raw_root: str | Path, dataset_id: int, name: str =
     existing = [p for p in Path(raw_root).glob(f"Dataset{dataset_id:03d}_*") if p != out]
     if existing:
         raise SupremError(f"dataset id {dataset_id} is already used by {existing[0]}")
+    previous = out / "dataset.json"
+    if previous.is_file():  # a rerun resumes; it must not mix label encodings
+        was = read_json(previous).get("label_encoding", "label_map")
+        if was != ("bitmask" if multi_label else "label_map"):
+            raise SupremError(f"{out} was converted {'with' if was == 'bitmask' else 'without'} --multi-label; "
+                              "use another dataset id or delete that folder")
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
     results = _map(_convert_case, [(c, classes, out, multi_label) for c in cases], num_workers, "convert")
