@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     inp, out = Path(args.input), Path(args.output)
     nnunet = None
     if args.nnunet_model:
-        from suprem_net.inference.nnunet_compat import load_nnunet_model
+        from suprem_net.inference.nnunet_compat import load_nnunet_model, preprocess_nnunet
 
         nnunet = load_nnunet_model(args.nnunet_model, folds=args.folds, checkpoint=args.checkpoint)
         plan = nnunet[0]
@@ -146,7 +146,8 @@ def main(argv=None) -> int:
     if nnunet is not None:
         predictor = Predictor(plan, nnunet[1], device=args.device, tta=args.tta, step_size=args.step_size,
                               tile_batch_size=args.tile_batch_size, precision=args.precision,
-                              lcc_classes=list(range(1, plan["num_classes"])) if args.lcc else [])
+                              lcc_classes=list(range(1, plan["num_classes"])) if args.lcc else [],
+                              preprocess=preprocess_nnunet)
         del nnunet
     else:
         predictor = Predictor.from_model_dir(model_dir, folds=args.folds, checkpoint=args.checkpoint,

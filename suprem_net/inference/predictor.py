@@ -8,7 +8,7 @@ trainer's final validation). Folds are ensembled by the mean of their logits.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -96,8 +96,11 @@ class Predictor:
 
     def __init__(self, plan: dict, models: Sequence[nn.Module], *, device: str | torch.device = "auto",
                  tta: bool = True, step_size: float = 0.5, tile_batch_size: int | None = None,
-                 precision: str = "auto", lcc_classes: Sequence[int] = ()) -> None:
+                 precision: str = "auto", lcc_classes: Sequence[int] = (),
+                 preprocess: Callable | None = None) -> None:
         self.plan = plan
+        # preprocess(images, geometry, plan) -> (data, seg, props); nnU-Net models bring their own
+        self.preprocess = preprocess or preprocess_case
         self.device = resolve_device(device)
         # models are put in eval mode only while predicting (a trainer's model keeps its state)
         self.models = [m.to(self.device) for m in models]
@@ -208,7 +211,7 @@ class Predictor:
             images = [np.transpose(im, fwd) for im in images]
             geometry = Geometry(tuple(geometry.shape[a] for a in fwd), tuple(geometry.spacing[a] for a in fwd),
                                 geometry.origin, geometry.direction)
-        data, _, props = preprocess_case(images, geometry, self.plan)
+        data, _, props = self.preprocess(images, geometry, self.plan)
         logits = self._logits(data)
         del data
         labels, probs = revert_logits(logits, props, probabilities=probabilities)
