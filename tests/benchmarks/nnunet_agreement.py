@@ -158,6 +158,7 @@ def compare(ours: Path, theirs: Path, num_classes: int) -> dict:
             raise RuntimeError(f"{f.name}: geometry differs: {mism}")
         d = dice_per_class(a, b, num_classes)
         d["voxels_differing"] = int((a != b).sum())
+        d["voxels_per_class_nnunet"] = np.bincount(b.ravel().astype(np.int64), minlength=num_classes)[1:].tolist()
         per_case[f.name] = d
     classes = {c: float(np.mean([v[c] for v in per_case.values()])) for c in range(1, num_classes)}
     return {"per_case": per_case, "mean_per_class": classes, "min": min(min(v[c] for c in range(1, num_classes))
@@ -192,6 +193,8 @@ def main(argv=None) -> dict:
         result[tag] = {"dice_per_class": {names[c]: round(d, 5) for c, d in cmp_["mean_per_class"].items()},
                        "min_dice": round(cmp_["min"], 5),
                        "voxels_differing": {k: v["voxels_differing"] for k, v in cmp_["per_case"].items()},
+                       "foreground_voxels_nnunet": {k: v["voxels_per_class_nnunet"]
+                                                    for k, v in cmp_["per_case"].items()},
                        "wall_s_ours": round(o["wall_s"], 2),
                        "wall_s_nnunet": float((theirs / "wall_s.txt").read_text())}
         print(f"{tag}: {json.dumps(result[tag])}", file=sys.stderr)

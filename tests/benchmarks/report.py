@@ -52,7 +52,6 @@ def machine() -> dict:
     nn_bin = ensure_nnunet_env()
     nn_version = subprocess.run([str(nn_bin / "python"), "-c", "import importlib.metadata as m; "
                                  "print(m.version('nnunetv2'))"], capture_output=True, text=True).stdout.strip()
-    import dynamic_network_architectures  # noqa: F401
     from importlib.metadata import version
     return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(os.sysconf("SC_PHYS_PAGES") *
                                                                    os.sysconf("SC_PAGE_SIZE") / 2 ** 30, 1),
@@ -117,6 +116,8 @@ def predict_rows(work: Path, model: Path) -> tuple[list[dict], dict]:
         o = agree.predict_ours(work, model, ours, tta)
         cmp_ = agree.compare(ours, theirs, len(labels))
         dice[tag] = {names[c]: round(d, 4) for c, d in cmp_["mean_per_class"].items()}
+        dice[tag]["voxels_differing"] = {k: v["voxels_differing"] for k, v in cmp_["per_case"].items()}
+        dice[tag]["foreground_voxels_nnunet"] = {k: v["voxels_per_class_nnunet"] for k, v in cmp_["per_case"].items()}
         rows.append({"row": f"predict, TTA {'on' if tta else 'off'} (s/case)",
                      "nnunet_wall": t["wall_s"] / n_cases, "ours_wall": o["wall_s"] / n_cases,
                      "nnunet_rss": t["peak_rss_bytes"], "ours_rss": o["peak_rss_bytes"],
@@ -197,7 +198,13 @@ def main(argv=None) -> dict:
     info = machine()
     rows: list[dict] = []
     if not args.skip_preprocess:
-        pp = bench_preprocess.main(["--cases", str(args.pp_cases), "--workers", "2"])
+        cache = work / f"preprocess_bench_{args.pp_cases}.json"  # rerun after a later failure: reuse it
+        if cache.exists():
+            pp = json.loads(cache.read_text())
+        else:
+            pp = bench_preprocess.main(["--cases", str(args.pp_cases), "--workers", "2"])
+            work.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(pp))
         ours, nn = pp["suprem_net"], pp["nnunet_3d_fullres"]
         rows.append({"row": f"plan + preprocess {args.pp_cases} cases (s)", "nnunet_wall": nn["wall_s"],
                      "ours_wall": ours["wall_s"], "nnunet_rss": nn["peak_rss_bytes"],
