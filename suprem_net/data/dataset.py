@@ -2,10 +2,14 @@
 
 Arrays are opened lazily in the process that reads them (blosc2 handles are not shared
 across the fork of a loader worker) and only the requested region is decompressed.
+Properties (with their ``class_locations``, about 3 MiB of Python objects per case with 25
+classes) and open arrays are kept for the ``CACHED_CASES`` most recently used cases only, so a
+process's memory does not grow with the number of cases it has drawn from.
 """
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +19,18 @@ from suprem_net.io.atomic import read_json
 from suprem_net.preprocessing.storage import case_files, finished_cases, open_array
 
 log = logging.getLogger(__name__)
+CACHED_CASES = 32  # per process: properties and open blosc2 handles of the most recently used cases
+
+
+def _cached(cache: OrderedDict, key, make):
+    """LRU lookup: ``cache[key]``, made with ``make()`` when absent; at most ``CACHED_CASES`` entries."""
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    value = cache[key] = make()
+    while len(cache) > CACHED_CASES:
+        cache.popitem(last=False)
+    return value
 
 
 class CaseStore:
@@ -31,26 +47,26 @@ class CaseStore:
         if missing:
             raise SupremError(f"{self.folder}: {len(missing)} cases are not preprocessed: {', '.join(missing[:5])}")
         self.case_ids = list(case_ids)
-        self._props: dict[str, dict] = {}
-        self._arrays: dict[str, tuple] = {}
+        self._props: OrderedDict[str, dict] = OrderedDict()
+        self._arrays: OrderedDict[str, tuple] = OrderedDict()
 
     def __getstate__(self):  # open handles stay in the process that made them
         state = dict(self.__dict__)
-        state["_arrays"] = {}
+        state["_arrays"] = OrderedDict()
         return state
 
     def properties(self, case_id: str) -> dict:
-        if case_id not in self._props:
-            self._props[case_id] = read_json(case_files(self.folder, case_id)["properties"])
-        return self._props[case_id]
+        return _cached(self._props, case_id,
+                       lambda: read_json(case_files(self.folder, case_id)["properties"]))
 
     def _open(self, case_id: str):
-        if case_id not in self._arrays:
+        def make():
             files = case_files(self.folder, case_id)
             if not files["seg"].is_file():
                 raise SupremError(f"{files['seg']}: missing (case {case_id} has no label)")
-            self._arrays[case_id] = (open_array(files["image"]), open_array(files["seg"]))
-        return self._arrays[case_id]
+            return open_array(files["image"]), open_array(files["seg"])
+
+        return _cached(self._arrays, case_id, make)
 
     def shape(self, case_id: str) -> tuple[int, int, int]:
         return tuple(int(s) for s in self._open(case_id)[0].shape[1:])
