@@ -1,0 +1,135 @@
+"""Side by side: seconds per training iteration of suprem_train vs nnU-Net v2's trainer, on the
+same network (PlainConvUNet, same topology), patch and batch size, same data, same machine, in
+one run; plus the share of each step spent waiting for data.
+
+    python -m tests.benchmarks.bench_train [--cases 8] [--iterations 12] [--workers 1]
+
+Both tools plan and preprocess the same generated dataset; nnU-Net's 3d_fullres plan is then
+edited to our CPU plan's patch, batch and topology, so both train the identical architecture.
+nnU-Net runs with its own trainer class (timing hooks only), `nnUNet_n_proc_DA` = our
+`--num-workers`, no torch.compile (its default on CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+from suprem_net.synthetic import SyntheticSpec, write_raw_dataset
+from tests.benchmarks._harness import REPO, ensure_nnunet_env, ratio, run_measured
+
+DATASET_ID = 952
+SHIMS = REPO.parent / "shared" / "tools" / "nnunet-cpu-shims"
+
+NNUNET_SNIPPET = textwrap.dedent('''
+    import json, sys, time
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    pp, name, iters = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    plans = json.load(open(f"{pp}/{name}/nnUNetPlans.json"))
+    dataset_json = json.load(open(f"{pp}/{name}/dataset.json"))
+    plans["continue_training"] = False  # what nnunetv2.run.run_training adds before building a trainer
+    steps, epoch = [], {}
+
+    class Timed(nnUNetTrainer):
+        def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cpu")):
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            self.num_iterations_per_epoch, self.num_val_iterations_per_epoch, self.num_epochs = iters, 1, 1
+
+        def on_train_epoch_start(self):
+            super().on_train_epoch_start()
+            epoch["t0"] = time.perf_counter()
+
+        def train_step(self, batch):
+            t = time.perf_counter()
+            out = super().train_step(batch)
+            steps.append(time.perf_counter() - t)
+            return out
+
+        def on_train_epoch_end(self, outputs):
+            epoch["t1"] = time.perf_counter()
+            super().on_train_epoch_end(outputs)
+
+    trainer = Timed(plans, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
+    trainer.run_training()
+    total = epoch["t1"] - epoch["t0"]
+    print("RESULT", json.dumps({"s_per_it": total / iters, "step_s": sum(steps) / len(steps),
+                                "data_wait": 1 - sum(steps) / total}))
+''')
+
+
+def _our_result(fold_dir: Path) -> dict:
+    text = (fold_dir / "training_log.txt").read_text()
+    m = re.findall(r"\(([\d.]+) s/it, (\d+)% waiting for data\)", text)
+    s_it, wait = m[-1]
+    return {"s_per_it": float(s_it), "data_wait": float(wait) / 100}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--cases", type=int, default=8)
+    p.add_argument("--iterations", type=int, default=12)
+    p.add_argument("--workers", type=int, default=1, help="augmentation worker processes for both tools")
+    p.add_argument("--repeats", type=int, default=2, help="alternating runs of each tool (medians reported)")
+    p.add_argument("--out", help="work folder (default: temporary)")
+    args = p.parse_args(argv)
+    nn_bin = ensure_nnunet_env()
+    work = Path(args.out or tempfile.mkdtemp(prefix="bench_train_"))
+    raw = work / "raw"
+    ds = write_raw_dataset(raw, DATASET_ID, SyntheticSpec(num_cases=args.cases, seed=3), num_test=0)
+    ours_pp, nn_pp = work / "ours_pp", work / "nn_pp"
+    run_measured(["suprem_plan_and_preprocess", "-d", str(DATASET_ID), "--raw", str(raw), "--preprocessed",
+                  str(ours_pp), "-np", "2", "--device", "cpu"])
+    plan = json.loads((ours_pp / ds.name / "suprem_plans.json").read_text())
+    env = {"nnUNet_raw": str(raw), "nnUNet_preprocessed": str(nn_pp), "nnUNet_results": str(work / "nn_results"),
+           "nnUNet_n_proc_DA": str(args.workers), "nnUNet_compile": "f", "PYTHONPATH": str(SHIMS)}
+    run_measured([str(nn_bin / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "3d_fullres",
+                  "-np", "2", "-npfp", "2", "--no_pbar"], env=env)
+    # same architecture, patch and batch as ours
+    nn_plans_path = nn_pp / ds.name / "nnUNetPlans.json"
+    nn_plans = json.loads(nn_plans_path.read_text())
+    cfg = nn_plans["configurations"]["3d_fullres"]
+    cfg["patch_size"], cfg["batch_size"] = plan["patch_size"], plan["batch_size"]
+    cfg["architecture"]["arch_kwargs"].update(plan["network"]["kwargs"])
+    nn_plans_path.write_text(json.dumps(nn_plans, indent=1))
+    snippet = work / "nnunet_timed.py"
+    snippet.write_text(NNUNET_SNIPPET)
+    runs: dict[str, list[dict]] = {"suprem_net": [], "nnunet": []}
+    for r in range(args.repeats):  # alternate the tools so that drifting machine load hits both alike
+        nn = run_measured([str(nn_bin / "python"), str(snippet), str(nn_pp), ds.name, str(args.iterations)],
+                          env=env)
+        res = json.loads(nn["output"].split("RESULT", 1)[1].strip().splitlines()[0])
+        runs["nnunet"].append({**res, "peak_rss_bytes": nn["peak_rss_bytes"]})
+        results_dir = work / f"ours_results_{r}"
+        ours = run_measured(["suprem_train", str(DATASET_ID), "0", "--raw", str(raw), "--preprocessed",
+                             str(ours_pp), "--results", str(results_dir), "--epochs", "1", "--iterations-per-epoch",
+                             str(args.iterations), "--val-iterations", "1", "--skip-final-validation",
+                             "--num-workers", str(args.workers), "--no-progress-bar"])
+        runs["suprem_net"].append({**_our_result(results_dir / ds.name / "suprem_plans" / "fold_0"),
+                                   "peak_rss_bytes": ours["peak_rss_bytes"]})
+    med = {tool: {k: float(np.median([r[k] for r in rs])) for k in ("s_per_it", "data_wait", "peak_rss_bytes")}
+           for tool, rs in runs.items()}
+    our_res, nn_res = med["suprem_net"], med["nnunet"]
+    print(f"network: nnunet PlainConvUNet {plan['network']['kwargs']['features_per_stage']}, patch "
+          f"{plan['patch_size']}, batch {plan['batch_size']}, {args.iterations} iterations, {args.workers} worker(s)")
+    print(f"{'tool':<12}{'s/it':>8}{'waiting for data':>18}{'peak RSS MiB':>14}")
+    for label, res in (("suprem_net", our_res), ("nnU-Net v2", nn_res)):
+        print(f"{label:<12}{res['s_per_it']:>8.2f}{res['data_wait']:>17.1%}{res['peak_rss_bytes'] / 2**20:>14.0f}")
+    print(f"ours / nnU-Net (medians of {args.repeats} alternating runs): time per iteration "
+          f"{ratio(our_res['s_per_it'], nn_res['s_per_it'])}, peak memory "
+          f"{ratio(our_res['peak_rss_bytes'], nn_res['peak_rss_bytes'])}")
+    if not args.out:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"median": med, "runs": runs}
+
+
+if __name__ == "__main__":
+    json.dump(main(), sys.stdout, indent=1)
