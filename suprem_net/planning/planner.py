@@ -136,7 +136,7 @@ def _plan_fixed_patch(family, kwargs, base_patch, median_shape, in_ch, n_cls, bu
 
 def make_plan(ds_spec: dict, fp: dict, *, plans_name: str, network: str | None = None, preset: str | None = None,
               device: str = "cpu", gpu_memory_gb: float | None = None, cpu_seconds_per_iteration: float = 3.0,
-              cpu_gflops: float = 150.0) -> dict:
+              cpu_gflops: float = 60.0) -> dict:
     """Build the plans dict (see docs/plans.md)."""
     pre = load_preset(preset) if preset else None
     family = network or (pre["network"]["family"] if pre else "nnunet")
