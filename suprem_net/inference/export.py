@@ -33,33 +33,41 @@ def _mode(axis: int, z_axis: int | None) -> str:
     return "nearest" if axis == z_axis else "linear"
 
 
-def revert_logits(logits: torch.Tensor, props: dict, *, probabilities: bool = False,
-                  slab: int = 16) -> tuple[np.ndarray, np.ndarray | None]:
-    """Return ``(labels uint8 (Z,Y,X), probabilities float16 (K,Z,Y,X) or None)`` in the
-    original image grid, for ``logits`` (K, z, y, x) on the preprocessed grid."""
-    k = logits.shape[0]
+def resampled_slabs(logits: torch.Tensor, props: dict, slab: int = 16):
+    """Yield ``(z slice in the oriented original grid, logits (K, dz, Y, X) float32)`` slab by slab.
+
+    The first array axis is resized once at the low in-plane resolution, then each slab of
+    ``slab`` planes in-plane, so at most K x slab x Y x X original-resolution floats exist at once.
+    """
     target = [int(s) for s in props["shape_after_crop"]]
     z_axis = props["separate_z_axis"]
-    full = np.zeros(props["oriented_shape"], dtype=np.uint8)
-    probs = None
-    if probabilities:
-        probs = np.zeros((k, *props["oriented_shape"]), dtype=np.float16)
-        probs[0] = 1.0
-    box = [slice(lo, hi) for lo, hi in props["bbox"]]
+    z_start = props["bbox"][0][0]
     with torch.inference_mode():
         x = logits
-        # axis 0 first at the low in-plane resolution; compute in float32 on the logits' device
         if x.shape[1] != target[0]:
             x = _resize_axis(x.float(), 0, target[0], _mode(0, z_axis))
         for z0 in range(0, target[0], slab):
             part = x[:, z0:z0 + slab].float()
             part = _resize_axis(part, 1, target[1], _mode(1, z_axis))
             part = _resize_axis(part, 2, target[2], _mode(2, z_axis))
-            zs = slice(box[0].start + z0, box[0].start + z0 + part.shape[1])
-            full[zs, box[1], box[2]] = part.argmax(0).to(torch.uint8).cpu().numpy()
-            if probs is not None:
-                probs[:, zs, box[1], box[2]] = torch.softmax(part, 0).half().cpu().numpy()
-            del part
+            yield slice(z_start + z0, z_start + z0 + part.shape[1]), part
+
+
+def revert_logits(logits: torch.Tensor, props: dict, *, probabilities: bool = False,
+                  slab: int = 16) -> tuple[np.ndarray, np.ndarray | None]:
+    """Return ``(labels uint8 (Z,Y,X), probabilities float16 (K,Z,Y,X) or None)`` in the
+    original image grid, for ``logits`` (K, z, y, x) on the preprocessed grid."""
+    k = logits.shape[0]
+    full = np.zeros(props["oriented_shape"], dtype=np.uint8)
+    probs = None
+    if probabilities:
+        probs = np.zeros((k, *props["oriented_shape"]), dtype=np.float16)
+        probs[0] = 1.0
+    box = [slice(lo, hi) for lo, hi in props["bbox"]]
+    for zs, part in resampled_slabs(logits, props, slab):
+        full[zs, box[1], box[2]] = part.argmax(0).to(torch.uint8).cpu().numpy()
+        if probs is not None:
+            probs[:, zs, box[1], box[2]] = torch.softmax(part, 0).half().cpu().numpy()
     if props.get("orientation"):
         full = ori.restore(full, props["orientation"])
         if probs is not None:

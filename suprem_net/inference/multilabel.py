@@ -19,16 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from suprem_net.inference.export import resampled_slabs
 from suprem_net.io.image import Geometry, write_image
 from suprem_net.preprocessing import orientation as ori
 from suprem_net.preprocessing.bitmask import bitmask_dtype, channel, is_bitmask
-from suprem_net.preprocessing.resampling import _resize_axis
 
 logger = logging.getLogger(__name__)
-
-
-def _mode(axis: int, z_axis: int | None) -> str:
-    return "nearest" if axis == z_axis else "linear"
 
 
 def combine(logits: torch.Tensor) -> torch.Tensor:
@@ -50,23 +46,12 @@ def revert_sigmoid(logits: torch.Tensor, props: dict, slab: int = 16) -> tuple[n
     """``(combined labels (Z,Y,X), bitmask (Z,Y,X))`` in the original grid for ``logits`` (C, z, y, x)."""
     c = logits.shape[0]
     label_dtype = np.uint8 if c < 256 else np.uint16
-    target = [int(s) for s in props["shape_after_crop"]]
-    z_axis = props["separate_z_axis"]
     combined = np.zeros(props["oriented_shape"], dtype=label_dtype)
     bits = np.zeros(props["oriented_shape"], dtype=bitmask_dtype(c))
     box = [slice(lo, hi) for lo, hi in props["bbox"]]
-    with torch.inference_mode():
-        x = logits
-        if x.shape[1] != target[0]:
-            x = _resize_axis(x.float(), 0, target[0], _mode(0, z_axis))
-        for z0 in range(0, target[0], slab):
-            part = x[:, z0:z0 + slab].float()
-            part = _resize_axis(part, 1, target[1], _mode(1, z_axis))
-            part = _resize_axis(part, 2, target[2], _mode(2, z_axis))
-            zs = slice(box[0].start + z0, box[0].start + z0 + part.shape[1])
-            combined[zs, box[1], box[2]] = combine(part).cpu().numpy().astype(label_dtype)
-            bits[zs, box[1], box[2]] = to_bitmask(part).cpu().numpy().astype(bits.dtype)
-            del part
+    for zs, part in resampled_slabs(logits, props, slab):
+        combined[zs, box[1], box[2]] = combine(part).cpu().numpy().astype(label_dtype)
+        bits[zs, box[1], box[2]] = to_bitmask(part).cpu().numpy().astype(bits.dtype)
     if props.get("orientation"):
         combined = ori.restore(combined, props["orientation"])
         bits = ori.restore(bits, props["orientation"])
