@@ -1,5 +1,4 @@
 """Zero-shot prediction with the Universal-Model head stored in SuPreM checkpoints."""
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from suprem_net.errors import SupremError
-from suprem_net.weights.adapters import ADAPTERS, infer_adapter, infer_family
+from suprem_net.weights.adapters import ADAPTERS, infer_adapter
 from suprem_net.weights.heads import transfer_head
 from suprem_net.weights.registry import REGISTRY, CheckpointEntry, entry_for_file, get_entry, head_classes_for
 

@@ -7,13 +7,11 @@ import errno
 import json
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from suprem_net.cli.evaluate import main as evaluate_main

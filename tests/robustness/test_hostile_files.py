@@ -4,7 +4,6 @@ Each: one ``error:`` line naming the file and the problem, exit code 2, inputs u
 from __future__ import annotations
 
 import gzip
-import json
 import shutil
 from collections import OrderedDict
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from suprem_net.cli.predict import main as predict_main
 from suprem_net.cli.train import main as train_main
 from suprem_net.cli.weights import main as weights_main
-from suprem_net.io.image import Geometry, read_image, write_image
+from suprem_net.io.image import read_image, write_image
 from tests.robustness._util import DS, assert_user_error, files_under, run_cli, tree_digest
 
 
