@@ -105,17 +105,17 @@ def main(argv=None) -> int:
     from suprem_net.io.atomic import read_json
 
     inp, out = Path(args.input), Path(args.output)
-    nnunet = None
+    loaded, preprocess = None, None  # (plan, models) built here rather than from a model folder
     if args.nnunet_model:
         from suprem_net.inference.nnunet_compat import load_nnunet_model, preprocess_nnunet
 
-        nnunet = load_nnunet_model(args.nnunet_model, folds=args.folds, checkpoint=args.checkpoint)
-        plan = nnunet[0]
+        loaded = load_nnunet_model(args.nnunet_model, folds=args.folds, checkpoint=args.checkpoint)
+        plan, preprocess = loaded[0], preprocess_nnunet
     elif args.pretrained:
         from suprem_net.inference.zero_shot import load_zero_shot
 
-        nnunet = load_zero_shot(args.pretrained)  # (plan, models), predicted like an nnU-Net model
-        plan = nnunet[0]
+        loaded = load_zero_shot(args.pretrained)
+        plan = loaded[0]
     else:
         model_dir = _model_dir(args)
         if not model_dir.is_dir():
@@ -143,12 +143,12 @@ def main(argv=None) -> int:
     print(f"{len(cases)} case(s) in {inp}, {len(cases) - len(todo)} already done, predicting {len(todo)}")
     if not todo:
         return 0
-    if nnunet is not None:
-        predictor = Predictor(plan, nnunet[1], device=args.device, tta=args.tta, step_size=args.step_size,
+    if loaded is not None:
+        predictor = Predictor(plan, loaded[1], device=args.device, tta=args.tta, step_size=args.step_size,
                               tile_batch_size=args.tile_batch_size, precision=args.precision,
                               lcc_classes=list(range(1, plan["num_classes"])) if args.lcc else [],
-                              preprocess=preprocess_nnunet)
-        del nnunet
+                              preprocess=preprocess)
+        del loaded
     else:
         predictor = Predictor.from_model_dir(model_dir, folds=args.folds, checkpoint=args.checkpoint,
                                              device=args.device, tta=args.tta, step_size=args.step_size,
