@@ -105,7 +105,9 @@ def _plan_nnunet_patch(family, spacing, median_shape, in_ch, n_cls, budget, init
         div = np.asarray(pool_and_conv_props(spacing, padded)[3])
         patch = np.asarray(padded).copy()
         if excess > 1.15:  # far off: rescale the whole patch, keeping its aspect, down to the divisors
-            patch = np.maximum(div, np.floor(patch / excess ** (1 / 3) / div) * div).astype(int)
+            scaled = patch / excess ** (1 / 3)  # of the topology that the smaller patch itself gets
+            div = np.asarray(pool_and_conv_props(spacing, np.maximum(1, np.round(scaled)).astype(int))[3])
+            patch = np.maximum(div, np.floor(scaled / div) * div).astype(int)
         else:  # close: shrink the axis that covers most of the median image by its divisor
             axis = int(np.argmax(patch / np.asarray(median_shape)))
             patch[axis] = max(div[axis], patch[axis] - div[axis])
