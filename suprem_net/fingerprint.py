@@ -7,14 +7,13 @@ bounded whatever the number of cases: at most ``MAX_TOTAL_SAMPLES`` intensities 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from suprem_net.io.dataset import Case, RawDataset
 from suprem_net.io.image import read_image
+from suprem_net.parallel import map_cases
 from suprem_net.preprocessing.case import nonzero_bbox
 from suprem_net.verify import IntegrityError, voxel_problems
 
@@ -80,7 +79,7 @@ def compute_fingerprint(ds: RawDataset, cases: list[Case], num_workers: int = 2)
     allowed = set(ds.labels.values())
     n_bits = len(ds.labels) - 1 if ds.spec.get("label_encoding") == "bitmask" else None
     jobs = [(c, i, n_samples, allowed, ds.labels, n_bits) for i, c in enumerate(cases)]
-    results = _map(_analyze_case, jobs, num_workers, "fingerprint")
+    results = map_cases(_analyze_case, jobs, num_workers, "fingerprint")
     problems = [p for r in results for p in r["problems"]]
     if problems:
         raise IntegrityError(problems)
@@ -107,14 +106,6 @@ def compute_fingerprint(ds: RawDataset, cases: list[Case], num_workers: int = 2)
             [np.prod(r["shape_after_crop"]) / np.prod(r["shape"]) for r in per_case])),
         "empty_classes": empty,
     }
-
-
-def _map(fn, jobs, num_workers: int, desc: str) -> list:
-    """Run ``fn`` over ``jobs`` in order, in worker processes when ``num_workers > 1``, with a progress bar."""
-    if num_workers <= 1 or len(jobs) <= 1:
-        return [fn(j) for j in tqdm(jobs, desc=desc, unit="case", leave=False, disable=None)]
-    with ProcessPoolExecutor(max_workers=num_workers) as pool:
-        return list(tqdm(pool.map(fn, jobs), total=len(jobs), desc=desc, unit="case", leave=False, disable=None))
 
 
 def load_or_compute(path: Path, ds: RawDataset, cases: list[Case], num_workers: int, force: bool) -> dict:

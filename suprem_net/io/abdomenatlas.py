@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from suprem_net.errors import InputError, SupremError
-from suprem_net.fingerprint import _map
 from suprem_net.io.atomic import atomic_path, read_json, write_json
 from suprem_net.io.image import read_header, read_image, write_image
 from suprem_net.preprocessing import bitmask
+from suprem_net.parallel import map_cases
 
 ATLAS_CLASSES = [
     "aorta", "gall_bladder", "kidney_left", "kidney_right", "liver", "pancreas", "postcava", "spleen", "stomach",
@@ -108,7 +108,7 @@ def convert(root: str | Path, raw_root: str | Path, dataset_id: int, name: str =
                               "use another dataset id or delete that folder")
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
-    results = _map(_convert_case, [(c, classes, out, multi_label) for c in cases], num_workers, "convert")
+    results = map_cases(_convert_case, [(c, classes, out, multi_label) for c in cases], num_workers, "convert")
     partial = {case: missing for case, missing in results if missing}
     spec = {
         "name": name,

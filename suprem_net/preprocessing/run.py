@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from suprem_net.fingerprint import _map
 from suprem_net.io.atomic import read_json, write_json
 from suprem_net.io.dataset import Case
 from suprem_net.io.image import read_image
 from suprem_net.preprocessing import bitmask
 from suprem_net.preprocessing.case import preprocess_case, sample_class_locations
 from suprem_net.preprocessing.storage import case_files, save_array
+from suprem_net.parallel import map_cases
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def preprocess_dataset(cases: list[Case], plan: dict, out_dir: Path, num_workers
     log.info("preprocessing %d of %d cases (%d already done) into %s", len(todo), len(mine), len(mine) - len(todo),
              out_dir)
     table = annotated_per_case(plan, partial_labels)
-    _map(_preprocess_one, [(c, plan, out_dir, h, _annotated(table, plan, c.case_id)) for c in todo], num_workers,
+    map_cases(_preprocess_one, [(c, plan, out_dir, h, _annotated(table, plan, c.case_id)) for c in todo], num_workers,
          "preprocess")
     return {"cases": len(mine), "preprocessed": len(todo), "skipped": len(mine) - len(todo)}
 
