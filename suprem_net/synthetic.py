@@ -7,7 +7,6 @@ Gaussian noise, anisotropic spacing that varies between cases, and NIfTI geometr
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +133,3 @@ def write_abdomenatlas(root: str | Path, spec: SyntheticSpec, missing: dict[int,
                 write_image(case_dir / "segmentations" / f"{name}.nii.gz", m.astype(np.uint8), geo)
     return root
 
-
-def describe(spec: SyntheticSpec) -> str:
-    return json.dumps({k: v for k, v in spec.__dict__.items()})

@@ -62,6 +62,3 @@ def nnunet_kwargs(family: str, spacing, patch, max_features: int = 320, base_fea
         kw["n_conv_per_stage_decoder"] = [2] * (n - 1)
     return kw, padded
 
-
-def divisor_per_axis(spacing, patch) -> list[int]:
-    return pool_and_conv_props(spacing, patch)[3]
