@@ -11,7 +11,6 @@ import SimpleITK as sitk
 import torch
 import torch.nn as nn
 
-from suprem_net.cli.plan_and_preprocess import main as plan_main
 from suprem_net.cli.predict import main as predict_main
 from suprem_net.inference.export import revert_logits
 from suprem_net.inference.postprocessing import keep_largest_component
@@ -21,14 +20,9 @@ from suprem_net.io.image import Geometry, read_image, write_image
 from suprem_net.networks import build_network
 from suprem_net.preprocessing.case import preprocess_case, revert_labels
 from suprem_net.synthetic import SyntheticSpec, label_map, make_case, write_raw_dataset
+from tests.conftest import tiny_net, write_model_dir
 
-TINY_NET = {
-    "family": "nnunet",
-    "kwargs": {"n_stages": 3, "features_per_stage": [2, 4, 8], "kernel_sizes": [[3, 3, 3]] * 3,
-               "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "n_conv_per_stage": [1, 1, 1],
-               "n_conv_per_stage_decoder": [1, 1]},
-    "deep_supervision": True,
-}
+TINY_NET = tiny_net((2, 4, 8))
 # coarse spacing keeps every volume small (about 50 x 60 x 60): the whole file runs in seconds
 SPEC = SyntheticSpec(num_cases=3, num_classes=3, seed=3, inplane_spacing=(5.0, 6.0), z_spacing=(5.0, 6.0))
 
@@ -42,20 +36,7 @@ def model_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("suprem")
     raw, pp = root / "raw", root / "preprocessed"
     write_raw_dataset(raw, 901, SPEC, num_test=2)
-    assert plan_main(["-d", "901", "--raw", str(raw), "--preprocessed", str(pp), "--no-preprocess",
-                      "--device", "cpu"]) == 0
-    ds = "Dataset901_SynthAbdomen"
-    plan = json.loads((pp / ds / "suprem_plans.json").read_text())
-    plan["network"] = TINY_NET
-    plan["patch_size"] = [32, 32, 32]
-    torch.manual_seed(0)
-    net = build_network(plan["network"], 1, plan["num_classes"])
-    md = root / "results" / ds / "suprem_plans"
-    (md / "fold_0").mkdir(parents=True)
-    (md / "plans.json").write_text(json.dumps(plan))
-    shutil.copy(raw / ds / "dataset.json", md / "dataset.json")
-    torch.save({"network_weights": net.state_dict()}, md / "fold_0" / "checkpoint_final.pth")
-    return md
+    return write_model_dir(raw, pp, root / "results", TINY_NET, [32, 32, 32])
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,10 @@ from suprem_net.io.image import read_image
 from suprem_net.preprocessing import bitmask
 from suprem_net.synthetic import SyntheticSpec, write_abdomenatlas, write_raw_dataset
 from suprem_net.training.multilabel_loss import MarginalDiceCELoss, MultiLabelDiceBCE
+from tests.conftest import tiny_net
 
 ML_DS, SL_DS = "Dataset903_AtlasML", "Dataset904_Target"
-TINY_NET = {"family": "nnunet", "deep_supervision": True, "kwargs": {
-    "n_stages": 2, "features_per_stage": [4, 8], "kernel_sizes": [[3, 3, 3], [3, 3, 3]],
-    "strides": [[1, 1, 1], [2, 2, 2]], "n_conv_per_stage": [1, 1], "n_conv_per_stage_decoder": [1]}}
+TINY_NET = tiny_net()
 CLASSES = ["kidney_left", "kidney_right", "liver", "spleen"]  # AbdomenAtlas order: classes 1..4
 MISSING = {1: ["spleen"], 2: ["kidney_left"]}
 

@@ -17,11 +17,10 @@ from suprem_net.synthetic import SyntheticSpec, write_raw_dataset
 from suprem_net.training.losses import SegmentationLoss, deep_supervision_scales, deep_supervision_weights
 from suprem_net.training.schedules import lr_factor
 from suprem_net.training.splits import fold_cases, make_splits
+from tests.conftest import tiny_net
 
 DS = "Dataset901_SynthAbdomen"
-TINY_NET = {"family": "nnunet", "deep_supervision": True, "kwargs": {
-    "n_stages": 2, "features_per_stage": [4, 8], "kernel_sizes": [[3, 3, 3], [3, 3, 3]],
-    "strides": [[1, 1, 1], [2, 2, 2]], "n_conv_per_stage": [1, 1], "n_conv_per_stage_decoder": [1]}}
+TINY_NET = tiny_net()
 
 
 @pytest.fixture(scope="module")

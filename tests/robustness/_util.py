@@ -7,13 +7,10 @@ from typing import Callable
 
 import pytest
 
+from tests.conftest import tiny_net
+
 DS = "Dataset901_SynthAbdomen"
-TINY_NET = {
-    "family": "nnunet",
-    "kwargs": {"n_stages": 2, "features_per_stage": [2, 4], "kernel_sizes": [[3, 3, 3]] * 2,
-               "strides": [[1, 1, 1], [2, 2, 2]], "n_conv_per_stage": [1, 1], "n_conv_per_stage_decoder": [1]},
-    "deep_supervision": True,
-}
+TINY_NET = tiny_net((2, 4))
 
 
 def tree_digest(folder: Path) -> dict[str, str]:

@@ -6,9 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from suprem_net.synthetic import SyntheticSpec, write_raw_dataset
+from tests.conftest import write_model_dir
 from tests.robustness._util import DS, TINY_NET
 
 # coarse spacing: every volume is about 10 x 16 x 16 voxels, so each CLI run takes well under a second
@@ -33,24 +33,8 @@ def raw(tmp_path, _raw_template) -> Path:
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory, _raw_template) -> Path:
     """A model folder (plans.json, dataset.json, fold_0/checkpoint_final.pth) with a tiny random network."""
-    from suprem_net.cli.plan_and_preprocess import main as plan_main
-    from suprem_net.networks import build_network
-
     root = tmp_path_factory.mktemp("model")
-    pp = root / "pp"
-    assert plan_main(["-d", "901", "--raw", str(_raw_template), "--preprocessed", str(pp), "--no-preprocess",
-                      "--device", "cpu", "-np", "1"]) == 0
-    plan = json.loads((pp / DS / "suprem_plans.json").read_text())
-    plan["network"] = TINY_NET
-    plan["patch_size"] = [16, 16, 16]
-    torch.manual_seed(0)
-    net = build_network(plan["network"], 1, plan["num_classes"])
-    md = root / "results" / DS / "suprem_plans"
-    (md / "fold_0").mkdir(parents=True)
-    (md / "plans.json").write_text(json.dumps(plan))
-    shutil.copy(_raw_template / DS / "dataset.json", md / "dataset.json")
-    torch.save({"network_weights": net.state_dict()}, md / "fold_0" / "checkpoint_final.pth")
-    return md
+    return write_model_dir(_raw_template, root / "pp", root / "results", TINY_NET, [16, 16, 16])
 
 
 @pytest.fixture
