@@ -5,6 +5,7 @@ import pytest
 from suprem_net.synthetic import SyntheticSpec, write_raw_dataset
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("SUPREM_compile", "0")  # tests that compile say so; compiling every tiny run costs minutes
 
 
 def tiny_spec(**kw) -> SyntheticSpec:

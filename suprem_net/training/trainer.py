@@ -22,6 +22,7 @@ from suprem_net.errors import SupremError
 from suprem_net.io.atomic import read_json, write_json
 from suprem_net.networks import build_network
 from suprem_net.training import checkpoint as ck
+from suprem_net.training.acceleration import compiled, is_compile_failure, prepare_for_training
 from suprem_net.training import distributed as dd
 from suprem_net.training.label_metrics import confusion_stats, scored_classes
 from suprem_net.training.multilabel_loss import make_loss
@@ -64,6 +65,7 @@ class TrainConfig:
     final_validation: bool = True
     deterministic: bool = False
     progress_bar: bool = True
+    compile: bool = False             # torch.compile the training step (the CLI turns it on)
 
 
 def select_device(name: str) -> torch.device:
@@ -117,22 +119,44 @@ def load_pretrained_weights(model, plan: dict, name_or_path: str, labels: dict) 
         from suprem_net.weights import load_pretrained
     except ImportError as e:
         raise SupremError(f"--pretrained needs the weights module, which is not available ({e})") from None
-    report = load_pretrained(model, name_or_path, family=plan["network"]["family"], target_labels=labels)
+    report = load_pretrained(model, name_or_path, family=plan["network"]["family"], target_labels=labels,
+                             target_multi_label=plan.get("label_encoding") == "bitmask")
     log.info("pretrained %s", report.summary() if hasattr(report, "summary") else report)
-    if plan.get("preset") is None:
+    dataset = plan["dataset_name"][7:10].lstrip("0") or "0"
+    source_plan = Path(report.path).resolve().parent.parent / "plans.json"
+    if source_plan.is_file():  # one of our own models: compare the inputs it was trained on
+        differs = input_differences(read_json(source_plan), plan)
+        if differs:
+            log.warning("the pre-trained model saw other inputs (%s); re-plan with: suprem_plan_and_preprocess "
+                        "-d %s --like %s", "; ".join(differs), dataset, source_plan)
+    elif plan.get("preset") is None:
         log.warning("the plan %s has no preset, so its spacing, orientation and intensity window differ from what "
                     "the SuPreM backbone saw in pre-training; re-plan with: suprem_plan_and_preprocess -d %s "
-                    "--preset %s", plan["plans_name"], plan["dataset_name"][7:10].lstrip("0") or "0",
+                    "--preset %s", plan["plans_name"], dataset,
                     plan["network"]["family"] if plan["network"]["family"] != "nnunet" else "suprem_unet")
 
 
-def _to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def input_differences(source: dict, plan: dict) -> list[str]:
+    """What differs between the inputs two plans produce: orientation, spacing, normalisation."""
+    out = []
+    for key in ("orientation", "target_spacing", "normalization"):
+        a, b = source.get(key), plan.get(key)
+        if key == "target_spacing" and a and b and np.allclose(a, b, rtol=1e-3):
+            continue
+        if a != b:
+            out.append(f"{key} {a} vs {b}")
+    return out
+
+
+def _to_device(batch: dict, device: torch.device, memory_format=torch.contiguous_format
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(image, labels, annotated (B, K) bool or None: which classes each sample's case annotates)."""
     x = torch.as_tensor(np.ascontiguousarray(batch["data"]), dtype=torch.float32)
     y = torch.as_tensor(np.ascontiguousarray(batch["seg"])).round().long()
     ann = batch.get("annotated")
     ann = torch.as_tensor(np.asarray(ann, dtype=bool)).to(device) if ann is not None else None
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True), ann
+    x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+    return x, y.to(device, non_blocking=True), ann
 
 
 class FoldTraining:
@@ -177,6 +201,7 @@ class FoldTraining:
         np.random.seed(cfg.seed)
         self.model = build_network(plan["network"], self.store.num_channels(), plan["num_classes"]).to(self.device)
         family = plan["network"]["family"]
+        self.memory_format = prepare_for_training(self.model, family, self.device)
         groups, self.encoder_params = parameter_groups(self.model, family, cfg.encoder_lr_scale)
         if (cfg.freeze_encoder_epochs or cfg.encoder_lr_scale != 1.0) and not self.encoder_params:
             raise SupremError(f"--freeze-encoder-epochs/--encoder-lr-scale: no encoder parameters found for {family}")
@@ -196,10 +221,15 @@ class FoldTraining:
                 log.warning("--continue: no %s, starting from scratch", latest)
             if cfg.pretrained:
                 load_pretrained_weights(self.model, plan, cfg.pretrained, read_json(self.dataset_json)["labels"])
-        self.net = self.model
+        self._wrap(compile_step=cfg.compile)
+
+    def _wrap(self, compile_step: bool) -> None:
+        """``self.net``: the model as the training step calls it (compiled, DDP-wrapped)."""
+        self.net = compiled(self.model) if compile_step else self.model
+        self.compiling = compile_step
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            self.net = torch.nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
 
     def _loaders(self) -> None:
         nw = self.cfg.num_workers
@@ -224,9 +254,17 @@ class FoldTraining:
     def train_step(self, x: torch.Tensor, y: torch.Tensor, freeze_encoder: bool,
                    annotated: torch.Tensor | None = None) -> float | None:
         self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            out = self.net(x)
-            loss = self.loss_fn(out, y, annotated)
+        try:
+            with self._autocast():
+                out = self.net(x)
+                loss = self.loss_fn(out, y, annotated)
+        except Exception as e:
+            if not (self.compiling and is_compile_failure(e)):
+                raise
+            log.warning("torch.compile failed (%s); training without it (--no-compile skips the attempt)",
+                        " ".join(str(e).split())[:200])
+            self._wrap(compile_step=False)
+            return self.train_step(x, y, freeze_encoder, annotated)
         if not dd.all_true(bool(torch.isfinite(loss).item()), self.dist, self.device):
             self.nonfinite_in_a_row += 1
             log.warning("non-finite loss (%s), step skipped (%d in a row)", float(loss.item()), self.nonfinite_in_a_row)
@@ -274,7 +312,7 @@ class FoldTraining:
                    disable=not (self.dist.is_main and self.cfg.progress_bar))
         for _ in range(iters):
             tw = time.perf_counter()
-            x, y, ann = _to_device(next(self.train_loader), self.device)
+            x, y, ann = _to_device(next(self.train_loader), self.device, self.memory_format)
             wait += time.perf_counter() - tw
             loss = self.train_step(x, y, freeze, ann)
             if loss is not None:
@@ -287,7 +325,7 @@ class FoldTraining:
         val_losses, stats = [], torch.zeros(3, scored_classes(self.plan), dtype=torch.float64, device=self.device)
         for _ in range(int(self.tr["num_val_iterations"])):
             tw = time.perf_counter()
-            x, y, ann = _to_device(next(self.val_loader), self.device)
+            x, y, ann = _to_device(next(self.val_loader), self.device, self.memory_format)
             wait += time.perf_counter() - tw
             vl, st = self.val_step(x, y, ann)
             val_losses.append(vl)

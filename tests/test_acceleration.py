@@ -1,0 +1,67 @@
+"""The CPU training speed-ups compute the same thing: group norms for instance norms, channels-last
+memory and torch.compile give the plain model's outputs and gradients, and checkpoints keep their keys."""
+from __future__ import annotations
+
+import copy
+import json
+
+import torch
+
+from suprem_net.networks import build_network
+from suprem_net.training.acceleration import instance_norms_as_group_norms, prepare_for_training
+from tests.conftest import tiny_net
+
+
+def _step(model, x):
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    sum((o.float() ** 2).mean() for o in out).backward()
+    return [o.detach() for o in out], {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_prepared_model_matches_plain_model():
+    torch.manual_seed(0)
+    plain = build_network(tiny_net((4, 8, 16)), 1, 3)
+    fast = copy.deepcopy(plain)
+    fmt = prepare_for_training(fast, "nnunet", torch.device("cpu"))
+    assert fmt == torch.channels_last_3d
+    assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in fast.modules())
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    x = torch.randn(2, 1, 16, 24, 24)
+    out_a, grad_a = _step(plain, x)
+    out_b, grad_b = _step(fast, x.contiguous(memory_format=fmt))
+    for a, b in zip(out_a, out_b):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    for name, g in grad_a.items():
+        torch.testing.assert_close(grad_b[name], g, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_group_norm_swap_keeps_parameters_in_place():
+    net = build_network(tiny_net(), 1, 2)
+    before = {id(p) for p in net.parameters()}
+    n = instance_norms_as_group_norms(net)
+    assert n > 0 and {id(p) for p in net.parameters()} == before  # an optimiser built earlier stays valid
+
+
+def test_compiled_training_run(tmp_path):
+    """suprem_train --compile trains, and its checkpoint loads into a plain network."""
+    from suprem_net.cli.plan_and_preprocess import main as plan_main
+    from suprem_net.cli.train import main as train_main
+    from suprem_net.synthetic import SyntheticSpec, write_raw_dataset
+
+    spec = SyntheticSpec(num_cases=3, num_classes=2, fov_mm=(48, 64, 64), inplane_spacing=(2, 2), z_spacing=(3, 3))
+    write_raw_dataset(tmp_path / "raw", 901, spec, num_test=0)
+    common = ["--raw", str(tmp_path / "raw"), "--preprocessed", str(tmp_path / "pp")]
+    assert plan_main(["-d", "901", *common, "--device", "cpu", "-np", "1"]) == 0
+    plan_path = tmp_path / "pp" / "Dataset901_SynthAbdomen" / "suprem_plans.json"
+    plan = json.loads(plan_path.read_text())
+    plan.update(network=tiny_net(), patch_size=[16, 16, 16], batch_size=2)
+    plan["training"].update(epochs=1, iterations_per_epoch=3, num_val_iterations=1)
+    plan_path.write_text(json.dumps(plan))
+    assert train_main(["901", "0", *common, "--results", str(tmp_path / "res"), "--compile", "--num-workers", "0",
+                       "--no-progress-bar", "--skip-final-validation"]) == 0
+    fold = tmp_path / "res" / "Dataset901_SynthAbdomen" / "suprem_plans" / "fold_0"
+    assert "torch.compile failed" not in (fold / "training_log.txt").read_text()
+    weights = torch.load(fold / "checkpoint_final.pth", weights_only=True)["network_weights"]
+    plain = build_network(tiny_net(), 1, 3)
+    plain.load_state_dict(weights)  # strict: no _orig_mod. prefixes, instance-norm keys unchanged
