@@ -27,18 +27,32 @@ ORGANS = [
     ("pancreas", 90, (15, 15, 15), (55, 12, 12)),
     ("gall_bladder", 10, (-55, -60, 20), (18, 18, 25)),
     ("bladder", 5, (0, -30, -100), (40, 35, 25)),
+    ("duodenum", 45, (-30, 10, 25), (14, 16, 35)),
+    ("liver_tumor", 15, (-75, -25, 65), (16, 16, 16)),  # inside the liver: hypodense lesion
 ]
+ORGAN_NAMES = [o[0] for o in ORGANS]
 
 
 @dataclass
 class SyntheticSpec:
+    """What to generate. Structures are drawn in ``ORGANS`` order (a later one covers an earlier one)."""
+
     num_cases: int = 12
-    num_classes: int = 6  # foreground classes, taken from ORGANS in order (max 10)
+    num_classes: int = 6  # foreground classes, taken from ORGANS in order (when ``classes`` is not given)
+    classes: tuple[str, ...] | None = None  # labelled structures by name (label value = position + 1)
+    unlabelled: tuple[str, ...] = ()  # structures drawn into the image but not labelled
     fov_mm: tuple[float, float, float] = (250.0, 330.0, 330.0)  # z, y, x
     inplane_spacing: tuple[float, float] = (2.4, 3.2)
     z_spacing: tuple[float, float] = (2.5, 5.0)
     noise_hu: tuple[float, float] = (10.0, 25.0)
     seed: int = 0
+
+    def labelled(self) -> list[str]:
+        names = list(self.classes) if self.classes is not None else ORGAN_NAMES[: self.num_classes]
+        unknown = sorted((set(names) | set(self.unlabelled)) - set(ORGAN_NAMES))
+        if unknown:
+            raise ValueError(f"unknown synthetic structures {unknown}; known: {ORGAN_NAMES}")
+        return names
 
 
 def make_case(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, dict[str, np.ndarray], Geometry]:
@@ -67,16 +81,20 @@ def make_case(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, dict[str, np
     spine = np.broadcast_to((x / 22) ** 2 + ((y - 80 * scale) / 22) ** 2 <= 1.0, shape)
     ct[spine] = 600.0
 
-    masks: dict[str, np.ndarray] = {}
-    for name, hu, centre, axes in ORGANS[: spec.num_classes]:
+    labelled = spec.labelled()
+    drawn: dict[str, np.ndarray] = {}
+    for name, hu, centre, axes in ORGANS:
+        if name not in labelled and name not in spec.unlabelled:
+            continue
         c = np.asarray(centre, dtype=np.float32) * scale + rng.normal(0, 4, 3).astype(np.float32)
         ax = np.asarray([a if a is not None else np.inf for a in axes], dtype=np.float32) * rng.uniform(0.85, 1.15)
         d = ((x - c[0]) / ax[0]) ** 2 + ((y - c[1]) / ax[1]) ** 2
         if np.isfinite(ax[2]):
             d = d + ((z - c[2]) / ax[2]) ** 2
         mask = np.broadcast_to(d <= 1.0, shape) & inner
-        masks[name] = mask
+        drawn[name] = mask
         ct[mask] = hu + rng.normal(0, 8)
+    masks = {name: drawn[name] for name in labelled}  # in label order
     ct += rng.normal(0, rng.uniform(*spec.noise_hu), size=shape).astype(np.float32)
     origin = tuple(float(v) for v in rng.uniform(-200, 200, 3))
     geo = Geometry(shape=shape, spacing=spacing, origin=origin, direction=direction)
@@ -97,7 +115,7 @@ def write_raw_dataset(root: str | Path, dataset_id: int, spec: SyntheticSpec, nu
     """Write an nnU-Net v2 raw dataset ``Dataset{id:03d}_{name}`` with ``spec.num_cases`` training
     cases and ``num_test`` test cases (images and labels in ``imagesTs``/``labelsTs``)."""
     folder = Path(root) / f"Dataset{dataset_id:03d}_{name}"
-    names = [o[0] for o in ORGANS[: spec.num_classes]]
+    names = spec.labelled()
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     for i in range(spec.num_cases + num_test):
