@@ -13,7 +13,7 @@ from suprem_net.io.atomic import read_json, write_json
 from suprem_net.io.dataset import load_raw_dataset
 from suprem_net.networks import FAMILIES
 from suprem_net.paths import location, resolve_dataset_name
-from suprem_net.planning.planner import make_plan, summary
+from suprem_net.planning.planner import make_plan, plan_like, summary
 from suprem_net.planning.presets import preset_names
 from suprem_net.preprocessing.run import parse_shard, preprocess_dataset, verify_complete
 from suprem_net.verify import IntegrityError, header_problems
@@ -33,7 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--network", choices=sorted(FAMILIES), help="network family (default: nnunet, or the preset's)")
     p.add_argument("--preset", choices=preset_names(),
                    help="plan for a pre-trained backbone: its orientation, spacing, HU window, patch and architecture")
-    p.add_argument("--plans-name", help="name of the plan and its data folder (default: suprem_plans, or PRESET_plans)")
+    p.add_argument("--like", metavar="PLAN.json",
+                   help="plan like another dataset's plan (e.g. RESULTS/DatasetXXX/suprem_plans/plans.json of a "
+                        "pre-trained model): same orientation, spacing, normalisation, patch, network and recipe; "
+                        "only the labels are this dataset's. Use it to fine-tune a model you pre-trained yourself")
+    p.add_argument("--plans-name", help="name of the plan and its data folder (default: suprem_plans, PRESET_plans, "
+                                        "or transfer_plans with --like)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="device the plan targets (default: cuda if available)")
     p.add_argument("--gpu-memory-gb", type=float, default=8.0, help="GPU memory budget for training (default 8)")
     p.add_argument("--cpu-seconds-per-iteration", type=float, default=3.0,
@@ -74,11 +79,19 @@ def main(argv=None) -> int:
     fp = load_or_compute(out / "fingerprint.json", ds, cases, args.num_processes, force=args.verify)
     if not out.joinpath("dataset.json").is_file():
         shutil.copyfile(ds.root / "dataset.json", out / "dataset.json")
-    plans_name = args.plans_name or (f"{args.preset}_plans" if args.preset else "suprem_plans")
+    if args.like and (args.preset or args.network):
+        raise SupremError("--like takes the network and input distribution from the given plan; "
+                          "leave out --preset/--network")
+    source = _read_plan(args.like) if args.like else None
+    plans_name = args.plans_name or ("transfer_plans" if source else f"{args.preset}_plans" if args.preset
+                                     else "suprem_plans")
     plan_path = out / f"{plans_name}.json"
     if plan_path.is_file() and not args.replan:
         plan = read_json(plan_path)
         log.info("reusing existing plan %s (pass --replan to overwrite)", plan_path)
+    elif source is not None:
+        plan = plan_like(ds.spec, fp, source, plans_name=plans_name, source_path=str(args.like))
+        write_json(plan_path, plan)
     else:
         device = args.device or _default_device()
         plan = make_plan(ds.spec, fp, plans_name=plans_name, network=args.network, preset=args.preset,
@@ -99,6 +112,15 @@ def main(argv=None) -> int:
         if missing:
             raise SupremError(f"{data_dir}: {len(missing)} cases missing after preprocessing: {', '.join(missing[:5])}")
     return 0
+
+
+def _read_plan(path: str) -> dict:
+    plan = read_json(path)
+    missing = [k for k in ("network", "patch_size", "target_spacing", "normalization", "training", "channel_names")
+               if not isinstance(plan, dict) or k not in plan]
+    if missing:
+        raise SupremError(f"{path}: not a suprem_net plan (missing {', '.join(missing)})")
+    return plan
 
 
 def _default_device() -> str:

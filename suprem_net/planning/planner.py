@@ -7,6 +7,7 @@ laptop makes visible progress in minutes.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -202,6 +203,54 @@ def make_plan(ds_spec: dict, fp: dict, *, plans_name: str, network: str | None =
         plan["label_encoding"] = "bitmask"
         plan["resampling"]["labels"] = "linear_threshold"
     return plan
+
+
+INHERITED_FROM_SOURCE = ("preset", "pretrained", "orientation", "target_spacing", "normalization", "resampling",
+                         "storage", "patch_size", "batch_size", "network", "device", "training")
+
+
+def plan_like(ds_spec: dict, fp: dict, source: dict, *, plans_name: str, source_path: str = "") -> dict:
+    """A plan for this dataset that keeps ``source``'s input distribution and network: orientation,
+    spacing, normalisation (the source's own CT statistics), resampling, patch, batch, architecture
+    and training recipe. Only the labels (and so the output channels) are this dataset's. This is
+    how a model pre-trained on one dataset is fine-tuned on another with the inputs it was trained on."""
+    channels = ds_spec["channel_names"]
+    if len(channels) != len(source["channel_names"]):
+        raise SupremError(f"{source_path or 'source plan'}: planned for {len(source['channel_names'])} input "
+                          f"channel(s) {source['channel_names']}, this dataset has {len(channels)} {channels}")
+    multi_label = ds_spec.get("label_encoding") == "bitmask"
+    n_cls = max(ds_spec["labels"].values()) + (0 if multi_label else 1)
+    plan = {k: json_copy(source[k]) for k in INHERITED_FROM_SOURCE if k in source}
+    plan["training"].pop("loss", None)
+    plan["resampling"]["labels"] = "linear_threshold" if multi_label else "linear_argmax"
+    if multi_label:
+        plan["training"]["loss"] = "dice_bce"
+    budget = source["memory"]["budget_bytes"]
+    slots = 2 if plan["training"]["optimizer"] == "adamw" else 1
+    m = measure_step(plan["network"], len(channels), n_cls, plan["patch_size"], plan["batch_size"],
+                     source["memory"]["compute_dtype"], slots)
+    if m["predicted_peak_bytes"] > budget:
+        log.warning("the source plan's network needs %.1f GiB per step with this dataset's %d classes, over its "
+                    "budget of %.1f GiB", m["predicted_peak_bytes"] / 2 ** 30, n_cls, budget / 2 ** 30)
+    plan.update({
+        "plans_name": plans_name,
+        "dataset_name": fp["dataset"],
+        "like": {"plans_name": source["plans_name"], "dataset_name": source["dataset_name"], "path": source_path},
+        "labels": ds_spec["labels"],
+        "channel_names": channels,
+        "file_ending": ds_spec["file_ending"],
+        "num_classes": n_cls,
+        "data_identifier": plans_name,
+        "median_shape": median_resampled_shape(fp, plan["target_spacing"]),
+        "memory": {**source["memory"], **m},
+    })
+    if multi_label:
+        plan["label_encoding"] = "bitmask"
+    return plan
+
+
+def json_copy(value):
+    return json.loads(json.dumps(value))
 
 
 def summary(plan: dict) -> str:
