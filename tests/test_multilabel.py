@@ -174,8 +174,9 @@ def test_pretrain_multilabel_finetune_softmax_and_predict_per_organ(ml_root, tmp
     assert train_main(["904", "0", "--raw", str(ml_root / "raw"), *common, "--epochs", "1",
                        "--skip-final-validation", "--pretrained", str(fold / "checkpoint_final.pth")]) == 0
     text = caplog.text
-    assert "decoder.seg_layers.0.weight not loaded: shape (4, 4, 1, 1, 1) in the file, (3, 4, 1, 1, 1)" in text
-    assert "shape mismatch 2, missing 2 (left as initialised)" in text  # the head, reported; the rest loaded
+    # the backbone loads; the 4 sigmoid channels hand liver and spleen to the softmax head by name
+    assert "skipped 2, unexpected 0, shape mismatch 0, missing 2 (left as initialised)" in text
+    assert "head: 2 class(es) transferred by name into 1 output layer(s) (liver, spleen)" in text
     from suprem_net.networks import build_network
     from suprem_net.weights.loading import load_pretrained
 

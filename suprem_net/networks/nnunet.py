@@ -11,6 +11,7 @@ import torch.nn as nn
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
 DIVISOR = None  # the topology is derived from the patch size
+HEAD_PATTERN = r"decoder\.seg_layers\.\d+"  # one 1x1x1 output conv per deep-supervision level
 
 
 def build(family: str, kwargs: dict, in_channels: int, num_classes: int, deep_supervision: bool) -> nn.Module:

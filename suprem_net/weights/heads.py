@@ -11,14 +11,21 @@ Not possible for the SuPreM / Universal-Model Swin UNETR and U-Net files: their 
 CLIP-driven dynamic head (controller + organ embedding produce per-image 8->8->8->1 kernels), which
 has no static per-class weights to copy. Self-supervised files have no class head at all.
 
+Our own model folders (``MODEL/fold_F/checkpoint_*.pth`` next to ``MODEL/plans.json``) name
+their output channels through the plan's labels, so a model pre-trained with suprem_train hands
+its matching channels (background too, between two softmax heads) to every head of the
+fine-tuning network: for the nnU-Net U-Nets, every deep-supervision output ``decoder.seg_layers.N``.
+
 Note on semantics: the pre-trained head is multi-label (one sigmoid per class) while a fine-tuned
 network uses softmax over mutually exclusive labels; copied channels are an initialisation, not a
 calibrated classifier.
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
@@ -126,3 +133,56 @@ def transfer_head(model: nn.Module, head_key: str, head_tensors: Mapping[str, to
     note = f"head: {len(matches)} class(es) transferred ({desc})"
     logger.info(note)
     return matches, note
+
+
+def own_model_labels(checkpoint: str | Path) -> tuple[dict, bool] | None:
+    """``(labels, multi_label)`` of the suprem_net model folder a checkpoint lies in, else ``None``."""
+    plans = Path(checkpoint).resolve().parent.parent / "plans.json"
+    try:
+        plan = json.loads(plans.read_text())
+        return dict(plan["labels"]), plan.get("label_encoding") == "bitmask"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def label_channels(labels: Mapping[str, object], multi_label: bool) -> dict[str, int]:
+    """Label name -> output channel: the label value (softmax; background is channel 0) or value - 1
+    (multi-label: one sigmoid per class, no background channel). Region labels (lists) are left out."""
+    out = {}
+    for name, value in labels.items():
+        if isinstance(value, bool) or not isinstance(value, int) or (multi_label and value <= 0):
+            continue
+        out[name] = value - 1 if multi_label else value
+    return out
+
+
+def transfer_own_head(model: nn.Module, head_pattern: str, tensors: Mapping[str, torch.Tensor],
+                      source: tuple[Mapping[str, object], bool], target: tuple[Mapping[str, object], bool]
+                      ) -> tuple[dict[str, tuple[int, int]], str]:
+    """Copy the channels of every head matching ``head_pattern`` (a regex for the conv's key prefix)
+    whose label names match between ``source`` and ``target`` (each ``(labels, multi_label)``)."""
+    src = {canonical_name(n): c for n, c in label_channels(*source).items()}
+    pairs = {n: (src[canonical_name(n)], t) for n, t in label_channels(*target).items() if canonical_name(n) in src}
+    if not pairs:
+        return {}, "head: no target label matches a label of the pre-trained model"
+    state = model.state_dict()
+    heads = [k[: -len(".weight")] for k in state if re.fullmatch(head_pattern + r"\.weight", k)]
+    done = []
+    with torch.no_grad():
+        for key in heads:
+            w, b = tensors.get(f"{key}.weight"), tensors.get(f"{key}.bias")
+            dst_w, dst_b = state[f"{key}.weight"], state.get(f"{key}.bias")
+            if w is None or w.shape[1:] != dst_w.shape[1:]:
+                continue
+            for s, t in pairs.values():
+                if s < w.shape[0] and t < dst_w.shape[0]:
+                    dst_w[t].copy_(w[s])
+                    if b is not None and dst_b is not None:
+                        dst_b[t].copy_(b[s])
+            done.append(key)
+    if not done:
+        return {}, f"head: no head of the pre-trained model fits ({head_pattern})"
+    desc = ", ".join(pairs)
+    note = f"head: {len(pairs)} class(es) transferred by name into {len(done)} output layer(s) ({desc})"
+    logger.info(note)
+    return pairs, note

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from suprem_net.errors import SupremError
 from suprem_net.weights.adapters import ADAPTERS, infer_adapter
-from suprem_net.weights.heads import transfer_head
+from suprem_net.weights.heads import own_model_labels, transfer_head, transfer_own_head
 from suprem_net.weights.registry import REGISTRY, CheckpointEntry, entry_for_file, get_entry, head_classes_for
 
 logger = logging.getLogger(__name__)
@@ -161,22 +161,27 @@ def model_family(model: nn.Module) -> str | None:
     return None
 
 
-def _family_attrs(family: str | None) -> tuple[str | None, tuple[str, ...]]:
+def _family_attrs(family: str | None) -> tuple[str | None, tuple[str, ...], str | None]:
+    """(plain head key, input-layer keys, regex of every output head's key prefix) of a family."""
     if family is None:
-        return None, ()
+        return None, (), None
     from suprem_net.networks import family_module
 
     mod = family_module(family)
-    return getattr(mod, "HEAD_KEY", None), tuple(getattr(mod, "INPUT_KEYS", ()))
+    head_key = getattr(mod, "HEAD_KEY", None)
+    pattern = getattr(mod, "HEAD_PATTERN", None) or (re.escape(head_key) if head_key else None)
+    return head_key, tuple(getattr(mod, "INPUT_KEYS", ())), pattern
 
 
 def load_pretrained(model: nn.Module, name_or_path: str | os.PathLike, family: str | None = None,
-                    target_labels: Mapping[str, object] | None = None) -> LoadReport:
+                    target_labels: Mapping[str, object] | None = None, target_multi_label: bool = False
+                    ) -> LoadReport:
     """Load a registry checkpoint (``"suprem_unet"``, ...) or a file into ``model``.
 
     Tensors are matched by (adapted) name and shape and copied in place. ``target_labels``
-    (dataset.json ``labels``) enables class-wise head transfer where the source has a plain
-    head with known class names. Raises ``SupremError`` for an unsupported or missing source,
+    (dataset.json ``labels``; ``target_multi_label`` for bitmask datasets) enables class-wise head
+    transfer where the source has a plain head with known class names, or is a checkpoint in one of
+    our model folders, whose plan names its classes. Raises ``SupremError`` for an unsupported or missing source,
     a family mismatch, a registry source that loads fewer backbone tensors than expected, or a
     file of which nothing loads.
     """
@@ -197,17 +202,24 @@ def load_pretrained(model: nn.Module, name_or_path: str | os.PathLike, family: s
     if entry is not None and family is not None and entry.family != family:
         raise SupremError(f"pretrained weights {entry.name!r} are for a {entry.family} network, not {family}")
     family = family or (entry.family if entry else None)
-    head_key, input_keys = _family_attrs(family)
+    head_key, input_keys, head_pattern = _family_attrs(family)
 
     sd = read_state_dict(path)
     adapter = entry.adapter if entry is not None else infer_adapter(list(sd))
     adapted = ADAPTERS[adapter](sd, head_key)
     report = LoadReport(source=entry.name if entry else text, path=str(path), family=family, adapter=adapter,
                         skipped=dict(adapted.skipped), expected=entry.expected_tensors if entry else None)
+    # one of our own models names its output channels: its heads go over by class name only, never
+    # by shape (equal class counts with different classes would otherwise load silently)
+    own = own_model_labels(path) if entry is None and target_labels and head_pattern else None
+    tensors, own_head = dict(adapted.tensors), {}
+    if own is not None:
+        own_head = {k: tensors.pop(k) for k in list(tensors) if re.fullmatch(head_pattern + r"\.(weight|bias)", k)}
+        report.skipped.update({k: "output head: channels transferred by class name" for k in own_head})
 
     state = model.state_dict()
     with torch.no_grad():
-        for key, value in adapted.tensors.items():
+        for key, value in tensors.items():
             target = state.get(key)
             if target is None:
                 report.unexpected.append(key)
@@ -225,7 +237,10 @@ def load_pretrained(model: nn.Module, name_or_path: str | os.PathLike, family: s
                        report.source, key, report.shape_mismatch[key][1][1], report.shape_mismatch[key][0][1])
 
     _check_counts(report, entry, family)
-    if target_labels and adapted.head and entry is not None and head_key:
+    if own is not None:
+        report.head_transferred, report.head_note = transfer_own_head(
+            model, head_pattern, {**own_head, **adapted.head}, own, (target_labels, target_multi_label))
+    elif target_labels and adapted.head and entry is not None and head_key:
         weight = adapted.head.get(f"{head_key}.weight")
         classes = head_classes_for(entry, int(weight.shape[0])) if weight is not None else None
         if classes is None:
