@@ -65,3 +65,27 @@ def test_compiled_training_run(tmp_path):
     weights = torch.load(fold / "checkpoint_final.pth", weights_only=True)["network_weights"]
     plain = build_network(tiny_net(), 1, 3)
     plain.load_state_dict(weights)  # strict: no _orig_mod. prefixes, instance-norm keys unchanged
+
+
+def test_a_failing_compiler_falls_back_to_eager(tmp_path, monkeypatch, caplog):
+    """No C++ compiler (or any inductor failure): one warning, and training goes on without compile."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    from suprem_net.training import trainer
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise TorchDynamoException("no C++ compiler found")
+
+    monkeypatch.setattr(trainer, "compiled", lambda model: Broken())
+    ft = trainer.FoldTraining.__new__(trainer.FoldTraining)
+    ft.model = build_network(tiny_net(), 1, 3)
+    ft.dist, ft.device = trainer.dd.init_distributed("cpu"), torch.device("cpu")
+    ft.tr, ft.scaler, ft.autocast_dtype, ft.nonfinite_in_a_row, ft.encoder_params = {"grad_clip": 12}, None, None, 0, []
+    ft.optimizer = torch.optim.SGD(ft.model.parameters(), lr=0.01)
+    ft.loss_fn = lambda out, y, ann: sum(o.float().mean() for o in out)
+    ft._wrap(compile_step=True)
+    with caplog.at_level("WARNING"):
+        loss = ft.train_step(torch.randn(2, 1, 16, 16, 16), torch.zeros(2, 1, 16, 16, 16, dtype=torch.long), False)
+    assert loss is not None and ft.net is ft.model and not ft.compiling
+    assert "torch.compile failed (no C++ compiler found)" in caplog.text
