@@ -54,14 +54,14 @@ def test_compiled_training_run(tmp_path):
     common = ["--raw", str(tmp_path / "raw"), "--preprocessed", str(tmp_path / "pp")]
     assert plan_main(["-d", "901", *common, "--device", "cpu", "-np", "1"]) == 0
     plan_path = tmp_path / "pp" / "Dataset901_SynthAbdomen" / "suprem_plans.json"
-    plan = json.loads(plan_path.read_text())
+    plan = json.loads(plan_path.read_text(encoding="utf-8"))
     plan.update(network=tiny_net(), patch_size=[16, 16, 16], batch_size=2)
     plan["training"].update(epochs=1, iterations_per_epoch=3, num_val_iterations=1)
-    plan_path.write_text(json.dumps(plan))
+    plan_path.write_text(json.dumps(plan), encoding="utf-8")
     assert train_main(["901", "0", *common, "--results", str(tmp_path / "res"), "--compile", "--num-workers", "0",
                        "--no-progress-bar", "--skip-final-validation"]) == 0
     fold = tmp_path / "res" / "Dataset901_SynthAbdomen" / "suprem_plans" / "fold_0"
-    assert "torch.compile failed" not in (fold / "training_log.txt").read_text()
+    assert "torch.compile failed" not in (fold / "training_log.txt").read_text(encoding="utf-8")
     weights = torch.load(fold / "checkpoint_final.pth", weights_only=True)["network_weights"]
     plain = build_network(tiny_net(), 1, 3)
     plain.load_state_dict(weights)  # strict: no _orig_mod. prefixes, instance-norm keys unchanged
@@ -89,3 +89,16 @@ def test_a_failing_compiler_falls_back_to_eager(tmp_path, monkeypatch, caplog):
         loss = ft.train_step(torch.randn(2, 1, 16, 16, 16), torch.zeros(2, 1, 16, 16, 16, dtype=torch.long), False)
     assert loss is not None and ft.net is ft.model and not ft.compiling
     assert "torch.compile failed (no C++ compiler found)" in caplog.text
+
+
+def test_compile_that_cannot_be_set_up_returns_the_model(monkeypatch, caplog):
+    from suprem_net.training import acceleration
+
+    def broken(*a, **k):
+        raise UnicodeDecodeError("ascii", b"\xe2", 0, 1, "ordinal not in range(128)")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    net = build_network(tiny_net(), 1, 2)
+    with caplog.at_level("WARNING"):
+        assert acceleration.compiled(net) is net
+    assert "torch.compile is not available (UnicodeDecodeError" in caplog.text

@@ -32,14 +32,14 @@ def test_plan_like_keeps_the_source_inputs_and_network(source_and_target):
     raw, pp, model_dir = source_and_target
     assert plan_main(["-d", "902", "--raw", str(raw), "--preprocessed", str(pp), "--like",
                       str(model_dir / "plans.json"), "-np", "1"]) == 0
-    source = json.loads((model_dir / "plans.json").read_text())
-    plan = json.loads((pp / TARGET / "transfer_plans.json").read_text())
+    source = json.loads((model_dir / "plans.json").read_text(encoding="utf-8"))
+    plan = json.loads((pp / TARGET / "transfer_plans.json").read_text(encoding="utf-8"))
     for key in ("target_spacing", "normalization", "orientation", "network", "patch_size", "batch_size", "training"):
         assert plan[key] == source[key], key
     assert plan["labels"] == {"background": 0, "kidney_left": 1, "liver": 2, "liver_tumor": 3}
     assert plan["num_classes"] == 4 and plan["like"]["dataset_name"] == SOURCE
     assert input_differences(source, plan) == []
-    own = json.loads((pp / TARGET / "fingerprint.json").read_text())  # the target's own statistics differ
+    own = json.loads((pp / TARGET / "fingerprint.json").read_text(encoding="utf-8"))  # the target's own statistics differ
     assert own["foreground_intensity_properties_per_channel"]["0"]["mean"] != plan["normalization"][0]["mean"]
     assert len(list((pp / TARGET / "transfer_plans").glob("*.b2nd"))) >= 3  # preprocessed with the source plan
 
@@ -47,7 +47,7 @@ def test_plan_like_keeps_the_source_inputs_and_network(source_and_target):
 def test_plan_like_refuses_a_file_that_is_no_plan(source_and_target, tmp_path, capsys):
     raw, pp, _ = source_and_target
     bad = tmp_path / "x.json"
-    bad.write_text('{"a": 1}')
+    bad.write_text('{"a": 1}', encoding="utf-8")
     with pytest.raises(SystemExit) as e:
         plan_main(["-d", "902", "--raw", str(raw), "--preprocessed", str(pp), "--like", str(bad)])
     assert e.value.code == 2 and "not a suprem_net plan" in capsys.readouterr().err
@@ -56,7 +56,7 @@ def test_plan_like_refuses_a_file_that_is_no_plan(source_and_target, tmp_path, c
 
 def test_backbone_and_head_channels_transfer_by_name(source_and_target):
     _, _, model_dir = source_and_target
-    source_plan = json.loads((model_dir / "plans.json").read_text())
+    source_plan = json.loads((model_dir / "plans.json").read_text(encoding="utf-8"))
     src = torch.load(model_dir / "fold_0" / "checkpoint_final.pth", weights_only=True)["network_weights"]
     torch.manual_seed(1)
     target_labels = {"background": 0, "kidney_left": 1, "liver": 2, "liver_tumor": 3}

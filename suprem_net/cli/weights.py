@@ -70,7 +70,7 @@ def _cmd_info(name: str) -> None:
 
 def _read_labels(path: Path) -> dict:
     try:
-        labels = json.loads(path.read_text())["labels"]
+        labels = json.loads(path.read_text(encoding="utf-8"))["labels"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SupremError(f"{path}: cannot read 'labels' ({type(e).__name__}: {e})") from None
     if not isinstance(labels, dict):

@@ -281,7 +281,7 @@ def write_summary(summary: dict, out_json: str | os.PathLike, out_csv: str | os.
     rows = summary_rows(summary)
     if out_csv is not None:
         with atomic_path(out_csv) as tmp:
-            with open(tmp, "w", newline="") as f:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
                 writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
                 writer.writeheader()
                 for row in rows:

@@ -56,7 +56,7 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise SupremError(f"{path}: not found (not an nnU-Net v2 results folder?)")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise SupremError(f"{path}: unreadable JSON ({e})") from None
 

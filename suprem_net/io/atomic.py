@@ -32,7 +32,7 @@ def atomic_path(target: str | os.PathLike):
 
 def write_json(path: str | os.PathLike, obj, *, sort_keys: bool = False) -> None:
     with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, sort_keys=sort_keys)
             f.write("\n")
 
@@ -41,7 +41,7 @@ def read_json(path: str | os.PathLike):
     from suprem_net.errors import InputError
 
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
         raise InputError(path, "file not found") from None

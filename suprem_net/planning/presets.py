@@ -15,7 +15,7 @@ def load_preset(name: str) -> dict:
     path = _folder() / f"{name}.json"
     if not path.is_file():
         raise SupremError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _folder():

@@ -57,8 +57,14 @@ def prepare_for_training(model: nn.Module, family: str, device: torch.device) ->
 
 
 def compiled(model: nn.Module) -> nn.Module:
-    """``torch.compile`` for the fixed training shape (patch and batch never change)."""
-    return torch.compile(model, dynamic=False)
+    """``torch.compile`` for the fixed training shape (patch and batch never change); the model itself
+    (with a warning) when torch.compile cannot even be set up here."""
+    try:
+        return torch.compile(model, dynamic=False)
+    except Exception as e:  # e.g. inductor failing to import its templates under a non-UTF-8 locale
+        log.warning("torch.compile is not available (%s: %s); training without it",
+                    type(e).__name__, " ".join(str(e).split())[:200])
+        return model
 
 
 def is_compile_failure(exc: BaseException) -> bool:

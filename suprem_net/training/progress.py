@@ -38,7 +38,7 @@ def update_ema(history: dict, dice: list[float]) -> float:
 def attach_log_file(path: Path) -> logging.Handler:
     """Send the package's log records to ``path`` (appending, so a resumed run continues it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, mode="a")
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     root = logging.getLogger("suprem_net")

@@ -226,7 +226,7 @@ class FoldTraining:
     def _wrap(self, compile_step: bool) -> None:
         """``self.net``: the model as the training step calls it (compiled, DDP-wrapped)."""
         self.net = compiled(self.model) if compile_step else self.model
-        self.compiling = compile_step
+        self.compiling = self.net is not self.model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(self.net, device_ids=ids)

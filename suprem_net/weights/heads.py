@@ -139,7 +139,7 @@ def own_model_labels(checkpoint: str | Path) -> tuple[dict, bool] | None:
     """``(labels, multi_label)`` of the suprem_net model folder a checkpoint lies in, else ``None``."""
     plans = Path(checkpoint).resolve().parent.parent / "plans.json"
     try:
-        plan = json.loads(plans.read_text())
+        plan = json.loads(plans.read_text(encoding="utf-8"))
         return dict(plan["labels"]), plan.get("label_encoding") == "bitmask"
     except (OSError, ValueError, KeyError, TypeError):
         return None

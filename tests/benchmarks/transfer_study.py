@@ -91,7 +91,7 @@ class Study:
             code = subprocess.run([sys.executable, "-m", f"suprem_net.cli.{module}", *args], stdout=f,
                                   stderr=subprocess.STDOUT).returncode
         if code:
-            tail = "\n".join(log.read_text().splitlines()[-15:])
+            tail = "\n".join(log.read_text(encoding="utf-8").splitlines()[-15:])
             raise SystemExit(f"transfer study: suprem_{module} failed (exit {code}); log {log}:\n{tail}")
 
     def common(self) -> list[str]:
@@ -199,14 +199,14 @@ class Study:
         runs = []
         for job in self.jobs():
             res = self.run_dir(job)
-            summary = json.loads((res / "test_predictions" / "summary.json").read_text())
+            summary = json.loads((res / "test_predictions" / "summary.json").read_text(encoding="utf-8"))
             ckpt = torch.load(res / TARGET / "transfer_plans" / f"fold_{job['fold']}" / "checkpoint_final.pth",
                               map_location="cpu", weights_only=True)
             pseudo = [float(np.nanmean(d)) if len(d) else float("nan") for d in ckpt["logging"]["pseudo_dice"]]
             runs.append({"init": job["init"], "n": job["n"], "seed": job["seed"], "epochs": job["epochs"],
                          "test": summary["mean"], "test_mean": summary["foreground_mean"], "val_pseudo_dice": pseudo})
         atlas = torch.load(atlas_model / "fold_all" / "checkpoint_final.pth", map_location="cpu", weights_only=True)
-        plan = json.loads((atlas_model / "plans.json").read_text())
+        plan = json.loads((atlas_model / "plans.json").read_text(encoding="utf-8"))
         return {"setting": self.s.__dict__, "runs": runs, "timings": self.timings,
                 "atlas_pseudo_dice": [float(np.nanmean(d)) for d in atlas["logging"]["pseudo_dice"]],
                 "plan": {k: plan[k] for k in ("target_spacing", "patch_size", "batch_size")} |
@@ -432,7 +432,7 @@ def write_report(result: dict, folder: Path, quick: bool) -> Path:
         "",
     ]
     path = folder / "transfer.md"
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines), encoding="utf-8")
     return path
 
 
@@ -455,7 +455,7 @@ def main(argv=None) -> dict:
     setting = SETTINGS["quick" if args.quick else "full"]
     out = Path(args.out or ("transfer_study_quick" if args.quick else "transfer_study")).resolve()
     if args.report_only:
-        result = json.loads((out / "transfer_results.json").read_text())
+        result = json.loads((out / "transfer_results.json").read_text(encoding="utf-8"))
     else:
         result = Study(out, setting, args.workers).run()
         write_json(out / "transfer_results.json", result)
