@@ -54,3 +54,50 @@ def write_model_dir(raw_root, pp_root, results_root, network: dict, patch, datas
     shutil.copy(raw_root / dataset / "dataset.json", md / "dataset.json")
     torch.save({"network_weights": net.state_dict()}, md / "fold_0" / "checkpoint_final.pth")
     return md
+
+
+def write_dicom_series(folder, arr, series_uid: str, geo=None) -> None:
+    """One CT file per slice with the usual tags (SimpleITK's 'DICOM series from array' example).
+    GDCM's writer leaves the process in the "C" locale; the locale is put back."""
+    import locale
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from suprem_net.io.image import Geometry
+
+    geo = geo or Geometry(shape=arr.shape, spacing=(2.5, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
+                          direction=(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    folder.mkdir(parents=True, exist_ok=True)
+    img = geo.apply_to(sitk.GetImageFromArray(arr.astype(np.int16)))
+    d = img.GetDirection()
+    common = [("0008|0060", "CT"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"), ("0020|000e", series_uid),
+              ("0020|0037", "\\".join(map(str, (d[0], d[3], d[6], d[1], d[4], d[7])))),
+              ("0008|103e", "synthetic"), ("0028|1053", "1"), ("0028|1052", "0")]
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        for i in range(img.GetDepth()):
+            s = img[:, :, i]
+            for k, v in common:
+                s.SetMetaData(k, v)
+            s.SetMetaData("0020|0032", "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, i)))))
+            s.SetMetaData("0020|0013", str(i))
+            s.SetMetaData("0008|0018", f"{series_uid}.{i}")
+            writer.SetFileName(str(folder / f"{series_uid.rsplit('.', 1)[-1]}_{i:04d}.dcm"))
+            writer.Execute(s)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+@pytest.fixture(autouse=True)
+def _locale_left_alone():
+    """No code path may leave the process in another locale (e.g. "C", where Python's default text
+    encoding becomes ASCII and later file reads fail in unrelated places)."""
+    import locale
+
+    before = locale.setlocale(locale.LC_ALL)
+    yield
+    after = locale.setlocale(locale.LC_ALL)
+    assert after == before, f"the locale changed from {before!r} to {after!r}"

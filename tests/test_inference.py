@@ -20,7 +20,7 @@ from suprem_net.io.image import Geometry, read_image, write_image
 from suprem_net.networks import build_network
 from suprem_net.preprocessing.case import preprocess_case, revert_labels
 from suprem_net.synthetic import SyntheticSpec, label_map, make_case, write_raw_dataset
-from tests.conftest import tiny_net, write_model_dir
+from tests.conftest import tiny_net, write_dicom_series, write_model_dir
 
 TINY_NET = tiny_net((2, 4, 8))
 # coarse spacing keeps every volume small (about 50 x 60 x 60): the whole file runs in seconds
@@ -217,32 +217,11 @@ def test_cli_nifti_nrrd_headers_per_organ_preview_probabilities(model_dir, test_
     assert np.array_equal(liver, (comb == 1).astype(np.uint8))
 
 
-def _write_dicom_series(folder: Path, arr: np.ndarray, geo: Geometry, series_uid: str) -> None:
-    """One file per slice with the usual tags (SimpleITK's 'DICOM series from array' example)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    img = geo.apply_to(sitk.GetImageFromArray(arr.astype(np.int16)))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    d = img.GetDirection()
-    common = [("0008|0060", "CT"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"), ("0020|000e", series_uid),
-              ("0020|0037", "\\".join(map(str, (d[0], d[3], d[6], d[1], d[4], d[7])))),
-              ("0008|103e", "synthetic"), ("0028|1053", "1"), ("0028|1052", "0")]
-    for i in range(img.GetDepth()):
-        s = img[:, :, i]
-        for k, v in common:
-            s.SetMetaData(k, v)
-        s.SetMetaData("0020|0032", "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, i)))))
-        s.SetMetaData("0020|0013", str(i))
-        s.SetMetaData("0008|0018", f"{series_uid}.{i}")
-        writer.SetFileName(str(folder / f"{i:04d}.dcm"))
-        writer.Execute(s)
-
-
 def test_cli_dicom_series(model_dir, test_images, tmp_path):
     arr, geo = read_image(test_images / "case_003_0000.nii.gz")
     geo = Geometry(geo.shape, geo.spacing, geo.origin, (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
     series = tmp_path / "series"
-    _write_dicom_series(series, arr, geo, "1.2.826.0.1.3680043.2.1125.2")
+    write_dicom_series(series, arr, "1.2.826.0.1.3680043.2.1125.2", geo)
     out = tmp_path / "out"
     assert predict_main(["-i", str(series), "-o", str(out), "-m", str(model_dir), "--no-tta", "--step-size", "1"]) == 0
     reader = sitk.ImageSeriesReader()
@@ -255,7 +234,7 @@ def test_cli_dicom_series(model_dir, test_images, tmp_path):
     assert seg.GetDirection() == ref.GetDirection()
 
     # a second series in the same folder: refused with the list of series
-    _write_dicom_series(series, arr[:5], geo, "1.2.826.0.1.3680043.2.1125.3")
+    write_dicom_series(series, arr[:5], "1.2.826.0.1.3680043.2.1125.3", geo)
     with pytest.raises(SystemExit) as e:
         predict_main(["-i", str(series), "-o", str(tmp_path / "out2"), "-m", str(model_dir)])
     assert e.value.code == 2 and not (tmp_path / "out2").exists()

@@ -17,6 +17,7 @@ from suprem_net.cli.predict import main as predict_main
 from suprem_net.cli.train import main as train_main
 from suprem_net.cli.weights import main as weights_main
 from suprem_net.io.image import read_image, write_image
+from tests.conftest import write_dicom_series
 from tests.robustness._util import DS, assert_user_error, files_under, run_cli, tree_digest
 
 
@@ -101,28 +102,11 @@ def test_predict_constant_image_does_not_crash(model_dir, test_images, tmp_path,
     assert g == geo and seg.shape == arr.shape
 
 
-def _write_series(folder: Path, arr: np.ndarray, uid: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    img = sitk.GetImageFromArray(arr.astype(np.int16))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for i in range(img.GetDepth()):
-        s = img[:, :, i]
-        s.SetMetaData("0020|000e", uid)
-        s.SetMetaData("0020|0013", str(i))
-        s.SetMetaData("0020|0032", f"0\\0\\{i * 2.5}")
-        s.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
-        s.SetMetaData("0008|0060", "CT")
-        s.SetMetaData("0008|0018", f"{uid}.{i}")
-        writer.SetFileName(str(folder / f"{uid[-1]}_{i:04d}.dcm"))
-        writer.Execute(s)
-
-
 def test_predict_dicom_folder_with_several_series(model_dir, tmp_path, capsys):
     series = tmp_path / "dicom"
     arr = np.random.default_rng(0).integers(-200, 200, (6, 20, 20))
-    _write_series(series, arr, "1.2.826.0.1.3680043.2.1125.7")
-    _write_series(series, arr[:4], "1.2.826.0.1.3680043.2.1125.8")
+    write_dicom_series(series, arr, "1.2.826.0.1.3680043.2.1125.7")
+    write_dicom_series(series, arr[:4], "1.2.826.0.1.3680043.2.1125.8")
     before = tree_digest(series)
     out = tmp_path / "out"
     code, _, err = run_cli(predict_main, ["-i", str(series), "-o", str(out), "-m", str(model_dir)], capsys)
