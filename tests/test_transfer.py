@@ -51,7 +51,7 @@ def test_plan_like_refuses_a_file_that_is_no_plan(source_and_target, tmp_path, c
     with pytest.raises(SystemExit) as e:
         plan_main(["-d", "902", "--raw", str(raw), "--preprocessed", str(pp), "--like", str(bad)])
     assert e.value.code == 2 and "not a suprem_net plan" in capsys.readouterr().err
-    assert not (pp / TARGET / "transfer_plans.json").exists()
+    assert not (pp / TARGET).exists()  # refused before the fingerprint or anything else is written
 
 
 def test_backbone_and_head_channels_transfer_by_name(source_and_target):

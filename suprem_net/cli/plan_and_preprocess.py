@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    if args.like and (args.preset or args.network):
+        raise SupremError("--like takes the network and input distribution from the given plan; "
+                          "leave out --preset/--network")
+    source = _read_plan(args.like) if args.like else None  # a bad plan file fails before anything is written
     raw_root, pp_root = location("raw", args.raw), location("preprocessed", args.preprocessed)
     name = resolve_dataset_name(args.dataset, raw_root)
     ds = load_raw_dataset(raw_root / name)
@@ -79,10 +83,6 @@ def main(argv=None) -> int:
     fp = load_or_compute(out / "fingerprint.json", ds, cases, args.num_processes, force=args.verify)
     if not out.joinpath("dataset.json").is_file():
         shutil.copyfile(ds.root / "dataset.json", out / "dataset.json")
-    if args.like and (args.preset or args.network):
-        raise SupremError("--like takes the network and input distribution from the given plan; "
-                          "leave out --preset/--network")
-    source = _read_plan(args.like) if args.like else None
     plans_name = args.plans_name or ("transfer_plans" if source else f"{args.preset}_plans" if args.preset
                                      else "suprem_plans")
     plan_path = out / f"{plans_name}.json"
