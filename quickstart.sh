@@ -10,7 +10,7 @@ python -m pip install -q --disable-pip-version-check torch==2.13.0 -e ".[test]"
 RAW=${SUPREM_raw:-suprem_data/raw}/Dataset900_SynthAbdomen
 suprem_synthetic -d 900 --cases 12 --test-cases 2
 suprem_plan_and_preprocess -d 900
-# a short run (about 5 minutes on 2 CPU cores); drop the two flags for the plan's full schedule
+# a short run (about 3 minutes on 2 CPU cores); drop the two flags for the plan's full schedule
 suprem_train 900 0 --epochs 10 --iterations-per-epoch 30
 suprem_predict -i "$RAW/imagesTs" -o suprem_data/predictions -d 900 -f 0 --no-tta --preview
 suprem_evaluate -ref "$RAW/labelsTs" -pred suprem_data/predictions -l "$RAW/dataset.json"
