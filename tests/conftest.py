@@ -31,6 +31,18 @@ def tiny_net(features: tuple[int, ...] = (4, 8)) -> dict:
         "n_conv_per_stage_decoder": [1] * (n - 1)}}
 
 
+def shrink_plan(plan_path, patch=(16, 16, 16), network=None, **training) -> dict:
+    """Rewrite a real plan for test speed: a tiny network, ``patch``, batch 2 and the ``training``
+    overrides (epochs, iterations_per_epoch, num_val_iterations). Returns the plan."""
+    import json
+
+    plan = json.loads(plan_path.read_text(encoding="utf-8"))
+    plan.update(network=network or tiny_net(), patch_size=list(patch), batch_size=2)
+    plan["training"].update(training)
+    plan_path.write_text(json.dumps(plan), encoding="utf-8")
+    return plan
+
+
 def write_model_dir(raw_root, pp_root, results_root, network: dict, patch, dataset="Dataset901_SynthAbdomen"):
     """Plan ``dataset`` for real, swap in ``network`` and ``patch``, and write a model folder
     (plans.json, dataset.json, fold_0/checkpoint_final.pth with seeded random weights)."""

@@ -3,13 +3,12 @@ memory and torch.compile give the plain model's outputs and gradients, and check
 from __future__ import annotations
 
 import copy
-import json
 
 import torch
 
 from suprem_net.networks import build_network
 from suprem_net.training.acceleration import instance_norms_as_group_norms, prepare_for_training
-from tests.conftest import tiny_net
+from tests.conftest import shrink_plan, tiny_net
 
 
 def _step(model, x):
@@ -53,11 +52,8 @@ def test_compiled_training_run(tmp_path):
     write_raw_dataset(tmp_path / "raw", 901, spec, num_test=0)
     common = ["--raw", str(tmp_path / "raw"), "--preprocessed", str(tmp_path / "pp")]
     assert plan_main(["-d", "901", *common, "--device", "cpu", "-np", "1"]) == 0
-    plan_path = tmp_path / "pp" / "Dataset901_SynthAbdomen" / "suprem_plans.json"
-    plan = json.loads(plan_path.read_text(encoding="utf-8"))
-    plan.update(network=tiny_net(), patch_size=[16, 16, 16], batch_size=2)
-    plan["training"].update(epochs=1, iterations_per_epoch=3, num_val_iterations=1)
-    plan_path.write_text(json.dumps(plan), encoding="utf-8")
+    shrink_plan(tmp_path / "pp" / "Dataset901_SynthAbdomen" / "suprem_plans.json", epochs=1, iterations_per_epoch=3,
+                num_val_iterations=1)
     assert train_main(["901", "0", *common, "--results", str(tmp_path / "res"), "--compile", "--num-workers", "0",
                        "--no-progress-bar", "--skip-final-validation"]) == 0
     fold = tmp_path / "res" / "Dataset901_SynthAbdomen" / "suprem_plans" / "fold_0"

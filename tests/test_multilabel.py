@@ -16,7 +16,7 @@ from suprem_net.io.image import read_image
 from suprem_net.preprocessing import bitmask
 from suprem_net.synthetic import SyntheticSpec, write_abdomenatlas, write_raw_dataset
 from suprem_net.training.multilabel_loss import MarginalDiceCELoss, MultiLabelDiceBCE
-from tests.conftest import tiny_net
+from tests.conftest import shrink_plan, tiny_net
 
 ML_DS, SL_DS = "Dataset903_AtlasML", "Dataset904_Target"
 TINY_NET = tiny_net()
@@ -25,14 +25,8 @@ MISSING = {1: ["spleen"], 2: ["kidney_left"]}
 
 
 def _shrink_plan(pp: Path, ds: str) -> dict:
-    path = pp / ds / "suprem_plans.json"
-    plan = json.loads(path.read_text())
-    plan["network"] = TINY_NET
-    plan["patch_size"] = [16, 16, 16]
-    plan["batch_size"] = 2
-    plan["training"].update({"epochs": 2, "iterations_per_epoch": 2, "num_val_iterations": 1})
-    path.write_text(json.dumps(plan))
-    return plan
+    return shrink_plan(pp / ds / "suprem_plans.json", network=TINY_NET, epochs=2, iterations_per_epoch=2,
+                       num_val_iterations=1)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from suprem_net.synthetic import SyntheticSpec, write_raw_dataset
 from suprem_net.training.losses import SegmentationLoss, deep_supervision_scales, deep_supervision_weights
 from suprem_net.training.schedules import lr_factor
 from suprem_net.training.splits import fold_cases, make_splits
-from tests.conftest import tiny_net
+from tests.conftest import shrink_plan, tiny_net
 
 DS = "Dataset901_SynthAbdomen"
 TINY_NET = tiny_net()
@@ -30,13 +30,8 @@ def tiny_root(tmp_path_factory) -> Path:
     write_raw_dataset(root / "raw", 901, spec, num_test=0)
     plan_main(["-d", "901", "--raw", str(root / "raw"), "--preprocessed", str(root / "pp"), "--device", "cpu",
                "-np", "1"])
-    plan_path = root / "pp" / DS / "suprem_plans.json"
-    plan = json.loads(plan_path.read_text())
-    plan["network"] = TINY_NET
-    plan["patch_size"] = [16, 16, 16]
-    plan["batch_size"] = 2
-    plan["training"].update({"epochs": 3, "iterations_per_epoch": 3, "num_val_iterations": 2})
-    plan_path.write_text(json.dumps(plan))
+    shrink_plan(root / "pp" / DS / "suprem_plans.json", network=TINY_NET, epochs=3, iterations_per_epoch=3,
+                num_val_iterations=2)
     return root
 
 

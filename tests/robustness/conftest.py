@@ -1,14 +1,13 @@
 """Fixtures of the robustness matrix: a tiny raw dataset (copied per test) and a tiny model folder."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 
 from suprem_net.synthetic import SyntheticSpec, write_raw_dataset
-from tests.conftest import write_model_dir
+from tests.conftest import shrink_plan, write_model_dir
 from tests.robustness._util import DS, TINY_NET
 
 # coarse spacing: every volume is about 10 x 16 x 16 voxels, so each CLI run takes well under a second
@@ -52,11 +51,6 @@ def train_root(tmp_path_factory, _raw_template) -> Path:
     shutil.copytree(_raw_template, root / "raw")
     assert plan_main(["-d", "901", "--raw", str(root / "raw"), "--preprocessed", str(root / "pp"),
                       "--device", "cpu", "-np", "1"]) == 0
-    plan_path = root / "pp" / DS / "suprem_plans.json"
-    plan = json.loads(plan_path.read_text())
-    plan["network"] = TINY_NET
-    plan["patch_size"] = [8, 16, 16]
-    plan["batch_size"] = 2
-    plan["training"].update({"epochs": 2, "iterations_per_epoch": 2, "num_val_iterations": 1})
-    plan_path.write_text(json.dumps(plan))
+    shrink_plan(root / "pp" / DS / "suprem_plans.json", patch=(8, 16, 16), network=TINY_NET, epochs=2,
+                iterations_per_epoch=2, num_val_iterations=1)
     return root

@@ -179,22 +179,23 @@ def _orphan_label(ds):
     return "labelsTr/case_099.nii.gz", "label without an image"
 
 
-def _missing_channel(ds):
+def _second_channel(ds, skip: str = "") -> None:
+    """Declare a second CT channel and copy every image (except case ``skip``'s) as its _0001 file."""
     spec = _spec(ds)
     spec["channel_names"] = {"0": "CT", "1": "CT_late"}
     _set_spec(ds, spec)
     for p in sorted((ds / "imagesTr").iterdir()):
-        if not p.name.startswith("case_001"):
+        if not (skip and p.name.startswith(skip)):
             shutil.copy(p, p.with_name(p.name.replace("_0000", "_0001")))
+
+
+def _missing_channel(ds):
+    _second_channel(ds, skip="case_001")
     return "imagesTr/case_001_0001.nii.gz", "channel file missing"
 
 
 def _channel_geometry(ds):
-    spec = _spec(ds)
-    spec["channel_names"] = {"0": "CT", "1": "CT_late"}
-    _set_spec(ds, spec)
-    for p in sorted((ds / "imagesTr").iterdir()):
-        shutil.copy(p, p.with_name(p.name.replace("_0000", "_0001")))
+    _second_channel(ds)
     _, geo = read_image(ds / IMG, dtype=None)
     _with_geometry(ds, "imagesTr/case_001_0001.nii.gz", origin=(geo.origin[0] + 9.0, *geo.origin[1:]))
     return "imagesTr/case_001_0001.nii.gz", "geometry differs from case_001_0000.nii.gz"
@@ -213,22 +214,13 @@ def _num_training(ds):
     return "dataset.json", "numTraining is 5 but imagesTr holds 3 cases"
 
 
-def _dotdot_id(ds):
-    shutil.move(ds / IMG, ds / "imagesTr" / ".._0000.nii.gz")
-    shutil.move(ds / LAB, ds / "labelsTr" / "...nii.gz")
-    return "imagesTr/.._0000.nii.gz", "case id '..' is not a safe file name"
-
-
-def _embedded_dotdot_id(ds):
-    shutil.move(ds / IMG, ds / "imagesTr" / "a..b_0000.nii.gz")
-    shutil.move(ds / LAB, ds / "labelsTr" / "a..b.nii.gz")
-    return "a..b_0000.nii.gz", "is not a safe file name"
-
-
-def _backslash_id(ds):
-    shutil.move(ds / IMG, ds / "imagesTr" / "..\\evil_0000.nii.gz")
-    shutil.move(ds / LAB, ds / "labelsTr" / "..\\evil.nii.gz")
-    return "evil_0000.nii.gz", "is not a safe file name"
+def _renamed_case(bad_id: str, named: str, problem: str):
+    """A mutation that renames case_000's image and label to the case id ``bad_id``."""
+    def mutate(ds):
+        shutil.move(ds / IMG, ds / "imagesTr" / f"{bad_id}_0000.nii.gz")
+        shutil.move(ds / LAB, ds / "labelsTr" / f"{bad_id}.nii.gz")
+        return named, problem
+    return mutate
 
 
 def _same_case_other_ending(ds):
@@ -289,8 +281,11 @@ BREAKERS: dict[str, Callable[[Path], tuple[str, str]]] = {
     "constant_image": _constant, "no_foreground": _no_foreground, "missing_label": _missing_label,
     "label_without_image": _orphan_label, "missing_channel_file": _missing_channel,
     "channel_geometry_mismatch": _channel_geometry, "no_training_images": _no_images,
-    "num_training_mismatch": _num_training, "case_id_dotdot": _dotdot_id, "case_id_with_dotdot": _embedded_dotdot_id,
-    "case_id_backslash": _backslash_id, "duplicate_case_other_ending": _same_case_other_ending,
+    "num_training_mismatch": _num_training,
+    "case_id_dotdot": _renamed_case("..", "imagesTr/.._0000.nii.gz", "case id '..' is not a safe file name"),
+    "case_id_with_dotdot": _renamed_case("a..b", "a..b_0000.nii.gz", "is not a safe file name"),
+    "case_id_backslash": _renamed_case("..\\evil", "evil_0000.nii.gz", "is not a safe file name"),
+    "duplicate_case_other_ending": _same_case_other_ending,
     "duplicate_case_letter_case": _ids_differ_in_letter_case,
     "dataset_json_invalid": _spec_not_json, "dataset_json_missing": _spec_missing, "dataset_json_list": _spec_list,
     "dataset_json_binary": _spec_binary,
