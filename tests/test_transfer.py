@@ -54,6 +54,19 @@ def test_plan_like_refuses_a_file_that_is_no_plan(source_and_target, tmp_path, c
     assert not (pp / TARGET).exists()  # refused before the fingerprint or anything else is written
 
 
+def test_plan_like_refuses_a_plan_with_other_channels(source_and_target, capsys):
+    raw, pp, model_dir = source_and_target
+    plan = json.loads((model_dir / "plans.json").read_text(encoding="utf-8"))
+    plan["channel_names"] = {"0": "CT", "1": "CT_late"}
+    (model_dir / "plans.json").write_text(json.dumps(plan), encoding="utf-8")
+    with pytest.raises(SystemExit) as e:
+        plan_main(["-d", "902", "--raw", str(raw), "--preprocessed", str(pp), "--like", str(model_dir / "plans.json")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert str(model_dir / "plans.json") in err and "planned for 2 input channel(s)" in err
+    assert not (pp / TARGET).exists()
+
+
 def test_backbone_and_head_channels_transfer_by_name(source_and_target):
     _, _, model_dir = source_and_target
     source_plan = json.loads((model_dir / "plans.json").read_text(encoding="utf-8"))

@@ -65,10 +65,10 @@ def main(argv=None) -> int:
     if args.like and (args.preset or args.network):
         raise SupremError("--like takes the network and input distribution from the given plan; "
                           "leave out --preset/--network")
-    source = _read_plan(args.like) if args.like else None  # a bad plan file fails before anything is written
     raw_root, pp_root = location("raw", args.raw), location("preprocessed", args.preprocessed)
     name = resolve_dataset_name(args.dataset, raw_root)
     ds = load_raw_dataset(raw_root / name)
+    source = _read_plan(args.like, ds.spec) if args.like else None  # a bad plan fails before anything is written
     problems = header_problems(ds)
     if problems:
         raise IntegrityError(problems)
@@ -114,12 +114,17 @@ def main(argv=None) -> int:
     return 0
 
 
-def _read_plan(path: str) -> dict:
+def _read_plan(path: str, ds_spec: dict) -> dict:
+    """The source plan of --like, checked against this dataset."""
     plan = read_json(path)
     missing = [k for k in ("network", "patch_size", "target_spacing", "normalization", "training", "channel_names")
                if not isinstance(plan, dict) or k not in plan]
     if missing:
         raise SupremError(f"{path}: not a suprem_net plan (missing {', '.join(missing)})")
+    ours, theirs = ds_spec["channel_names"], plan["channel_names"]
+    if len(ours) != len(theirs):
+        raise SupremError(f"{path}: planned for {len(theirs)} input channel(s) {theirs}, this dataset has "
+                          f"{len(ours)} {ours}")
     return plan
 
 

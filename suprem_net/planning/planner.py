@@ -7,7 +7,7 @@ laptop makes visible progress in minutes.
 """
 from __future__ import annotations
 
-import json
+import copy
 import logging
 import os
 
@@ -214,13 +214,10 @@ def plan_like(ds_spec: dict, fp: dict, source: dict, *, plans_name: str, source_
     spacing, normalisation (the source's own CT statistics), resampling, patch, batch, architecture
     and training recipe. Only the labels (and so the output channels) are this dataset's. This is
     how a model pre-trained on one dataset is fine-tuned on another with the inputs it was trained on."""
-    channels = ds_spec["channel_names"]
-    if len(channels) != len(source["channel_names"]):
-        raise SupremError(f"{source_path or 'source plan'}: planned for {len(source['channel_names'])} input "
-                          f"channel(s) {source['channel_names']}, this dataset has {len(channels)} {channels}")
+    channels = ds_spec["channel_names"]  # the same number as the source's (the caller checks)
     multi_label = ds_spec.get("label_encoding") == "bitmask"
     n_cls = max(ds_spec["labels"].values()) + (0 if multi_label else 1)
-    plan = {k: json_copy(source[k]) for k in INHERITED_FROM_SOURCE if k in source}
+    plan = {k: copy.deepcopy(source[k]) for k in INHERITED_FROM_SOURCE if k in source}
     plan["training"].pop("loss", None)
     plan["resampling"]["labels"] = "linear_threshold" if multi_label else "linear_argmax"
     if multi_label:
@@ -247,10 +244,6 @@ def plan_like(ds_spec: dict, fp: dict, source: dict, *, plans_name: str, source_
     if multi_label:
         plan["label_encoding"] = "bitmask"
     return plan
-
-
-def json_copy(value):
-    return json.loads(json.dumps(value))
 
 
 def summary(plan: dict) -> str:

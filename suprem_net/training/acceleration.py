@@ -25,19 +25,15 @@ log = logging.getLogger(__name__)
 CHANNELS_LAST_FAMILIES = ("nnunet", "resenc", "suprem_unet", "segresnet", "dodnet", "med3d")
 
 
-class InstanceNormAsGroupNorm(nn.GroupNorm):
-    """``nn.InstanceNorm3d(C, affine=...)`` computed as ``GroupNorm(C, C)``; same state-dict keys."""
-
-
 def instance_norms_as_group_norms(model: nn.Module) -> int:
-    """Replace every 3-D instance norm without running statistics; returns how many were replaced.
+    """Replace every 3-D instance norm without running statistics by ``GroupNorm(C, C)`` (one channel
+    per group: the same arithmetic, the same state-dict keys); returns how many were replaced.
     The parameters are moved over as they are, so an optimiser built before still holds them."""
     count = 0
     for parent in model.modules():
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.InstanceNorm3d) and not child.track_running_stats:
-                gn = InstanceNormAsGroupNorm(child.num_features, child.num_features, eps=child.eps,
-                                             affine=child.affine)
+                gn = nn.GroupNorm(child.num_features, child.num_features, eps=child.eps, affine=child.affine)
                 if child.affine:
                     gn.weight, gn.bias = child.weight, child.bias
                 setattr(parent, name, gn)
@@ -69,8 +65,6 @@ def compiled(model: nn.Module) -> nn.Module:
 
 def is_compile_failure(exc: BaseException) -> bool:
     """Whether ``exc`` came from torch.compile's backend (e.g. no C++ compiler on this machine)."""
-    try:
-        from torch._dynamo.exc import BackendCompilerFailed, TorchDynamoException
-    except ImportError:  # pragma: no cover - torch without dynamo
-        return False
+    from torch._dynamo.exc import BackendCompilerFailed, TorchDynamoException
+
     return isinstance(exc, (BackendCompilerFailed, TorchDynamoException))

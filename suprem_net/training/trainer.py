@@ -117,18 +117,20 @@ def effective_plan(plan: dict, cfg: TrainConfig, world_size: int) -> dict:
 def load_pretrained_weights(model, plan: dict, name_or_path: str, labels: dict) -> None:
     try:
         from suprem_net.weights import load_pretrained
+        from suprem_net.weights.heads import own_model_plan
     except ImportError as e:
         raise SupremError(f"--pretrained needs the weights module, which is not available ({e})") from None
     report = load_pretrained(model, name_or_path, family=plan["network"]["family"], target_labels=labels,
                              target_multi_label=plan.get("label_encoding") == "bitmask")
     log.info("pretrained %s", report.summary() if hasattr(report, "summary") else report)
     dataset = plan["dataset_name"][7:10].lstrip("0") or "0"
-    source_plan = Path(report.path).resolve().parent.parent / "plans.json"
-    if source_plan.is_file():  # one of our own models: compare the inputs it was trained on
-        differs = input_differences(read_json(source_plan), plan)
+    source_plan = own_model_plan(report.path)
+    if source_plan is not None:  # one of our own models: compare the inputs it was trained on
+        differs = input_differences(source_plan, plan)
         if differs:
             log.warning("the pre-trained model saw other inputs (%s); re-plan with: suprem_plan_and_preprocess "
-                        "-d %s --like %s", "; ".join(differs), dataset, source_plan)
+                        "-d %s --like %s", "; ".join(differs), dataset,
+                        Path(report.path).resolve().parent.parent / "plans.json")
     elif plan.get("preset") is None:
         log.warning("the plan %s has no preset, so its spacing, orientation and intensity window differ from what "
                     "the SuPreM backbone saw in pre-training; re-plan with: suprem_plan_and_preprocess -d %s "

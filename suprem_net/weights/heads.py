@@ -135,14 +135,19 @@ def transfer_head(model: nn.Module, head_key: str, head_tensors: Mapping[str, to
     return matches, note
 
 
-def own_model_labels(checkpoint: str | Path) -> tuple[dict, bool] | None:
-    """``(labels, multi_label)`` of the suprem_net model folder a checkpoint lies in, else ``None``."""
-    plans = Path(checkpoint).resolve().parent.parent / "plans.json"
+def own_model_plan(checkpoint: str | Path) -> dict | None:
+    """The plan of the suprem_net model folder a checkpoint lies in (``MODEL/fold_F/<file>`` next to
+    ``MODEL/plans.json``), else ``None``."""
     try:
-        plan = json.loads(plans.read_text(encoding="utf-8"))
-        return dict(plan["labels"]), plan.get("label_encoding") == "bitmask"
-    except (OSError, ValueError, KeyError, TypeError):
+        plan = json.loads((Path(checkpoint).resolve().parent.parent / "plans.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
+    return plan if isinstance(plan, dict) and isinstance(plan.get("labels"), dict) else None
+
+
+def own_model_labels(plan: dict) -> tuple[dict, bool]:
+    """``(labels, multi_label)`` of one of our plans."""
+    return dict(plan["labels"]), plan.get("label_encoding") == "bitmask"
 
 
 def label_channels(labels: Mapping[str, object], multi_label: bool) -> dict[str, int]:

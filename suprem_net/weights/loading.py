@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from suprem_net.errors import SupremError
 from suprem_net.weights.adapters import ADAPTERS, infer_adapter
-from suprem_net.weights.heads import own_model_labels, transfer_head, transfer_own_head
+from suprem_net.weights.heads import own_model_labels, own_model_plan, transfer_head, transfer_own_head
 from suprem_net.weights.registry import REGISTRY, CheckpointEntry, entry_for_file, get_entry, head_classes_for
 
 logger = logging.getLogger(__name__)
@@ -211,7 +211,8 @@ def load_pretrained(model: nn.Module, name_or_path: str | os.PathLike, family: s
                         skipped=dict(adapted.skipped), expected=entry.expected_tensors if entry else None)
     # one of our own models names its output channels: its heads go over by class name only, never
     # by shape (equal class counts with different classes would otherwise load silently)
-    own = own_model_labels(path) if entry is None and target_labels and head_pattern else None
+    own_plan = own_model_plan(path) if entry is None and target_labels and head_pattern else None
+    own = own_model_labels(own_plan) if own_plan is not None else None
     tensors, own_head = dict(adapted.tensors), {}
     if own is not None:
         own_head = {k: tensors.pop(k) for k in list(tensors) if re.fullmatch(head_pattern + r"\.(weight|bias)", k)}
