@@ -55,7 +55,7 @@ def training_transforms(patch, cfg: AugmentationConfig) -> Compose:
             list(patch), patch_center_dist_from_border=None, do_elastic_deform=cfg.elastic,
             alpha=(0.0, 200.0), sigma=(9.0, 13.0), do_rotation=any(cfg.rotation_deg),
             angle_x=(-rz, rz), angle_y=(-ry, ry), angle_z=(-rx, rx), do_scale=True, scale=cfg.scale,
-            border_mode_data="constant", border_cval_data=0, order_data=3, border_mode_seg="constant",
+            border_mode_data="constant", border_cval_data=0, order_data=1, border_mode_seg="constant",
             border_cval_seg=0, order_seg=0, random_crop=False, p_el_per_sample=cfg.p_elastic,
             p_scale_per_sample=cfg.p_scale, p_rot_per_sample=cfg.p_rotation,
             independent_scale_for_each_axis=False),
@@ -64,7 +64,7 @@ def training_transforms(patch, cfg: AugmentationConfig) -> Compose:
         BrightnessMultiplicativeTransform(multiplier_range=(0.75, 1.25), p_per_sample=0.15),
         ContrastAugmentationTransform(p_per_sample=0.15),
         SimulateLowResolutionTransform(zoom_range=(0.5, 1), per_channel=True, p_per_channel=0.5, order_downsample=0,
-                                       order_upsample=3, p_per_sample=0.25, ignore_axes=ignore_axes),
+                                       order_upsample=1, p_per_sample=0.25, ignore_axes=ignore_axes),
         GammaTransform((0.7, 1.5), True, True, retain_stats=True, p_per_sample=0.1),
         GammaTransform((0.7, 1.5), False, True, retain_stats=True, p_per_sample=0.3),
     ]

@@ -226,9 +226,11 @@ class FoldTraining:
         self._wrap(compile_step=cfg.compile)
 
     def _wrap(self, compile_step: bool) -> None:
-        """``self.net``: the model as the training step calls it (compiled, DDP-wrapped)."""
+        """``self.net`` and ``self.train_loss``: the model and loss as the training step calls them
+        (compiled, DDP-wrapped)."""
         self.net = compiled(self.model) if compile_step else self.model
         self.compiling = self.net is not self.model
+        self.train_loss = compiled(self.loss_fn) if self.compiling else self.loss_fn  # ~3x faster on the CPU
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
@@ -259,7 +261,7 @@ class FoldTraining:
         try:
             with self._autocast():
                 out = self.net(x)
-                loss = self.loss_fn(out, y, annotated)
+                loss = self.train_loss(out, y, annotated)
         except Exception as e:
             if not (self.compiling and is_compile_failure(e)):
                 raise

@@ -2,7 +2,7 @@
 same network (PlainConvUNet, same topology), patch and batch size, same data, same machine, in
 one run; plus the share of each step spent waiting for data.
 
-    python -m tests.benchmarks.bench_train [--cases 8] [--iterations 12] [--workers 1]
+    python -m tests.benchmarks.bench_train [--cases 8] [--iterations 20] [--workers 1] [--repeats 5]
 
 Both tools plan and preprocess the same generated dataset; nnU-Net's 3d_fullres plan is then
 edited to our CPU plan's patch, batch and topology, so both train the identical architecture.
@@ -82,9 +82,9 @@ def _our_result(fold_dir: Path, iterations: int) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--cases", type=int, default=8)
-    p.add_argument("--iterations", type=int, default=12)
+    p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--workers", type=int, default=1, help="augmentation worker processes for both tools")
-    p.add_argument("--repeats", type=int, default=2, help="alternating runs of each tool (medians reported)")
+    p.add_argument("--repeats", type=int, default=5, help="alternating runs of each tool (medians reported)")
     p.add_argument("--out", help="work folder (default: temporary)")
     args = p.parse_args(argv)
     nn_bin = ensure_nnunet_env()
@@ -134,9 +134,13 @@ def main(argv=None) -> dict:
     print(f"ours / nnU-Net (medians of {args.repeats} alternating runs): time per iteration "
           f"{ratio(our_res['s_per_it'], nn_res['s_per_it'])}, peak memory "
           f"{ratio(our_res['peak_rss_bytes'], nn_res['peak_rss_bytes'])}")
+    # the machine's speed drifts over minutes; each run against the other tool's run just before it
+    paired = [o["s_per_it"] / n["s_per_it"] for o, n in zip(runs["suprem_net"], runs["nnunet"])]
+    print("time per iteration, each of our runs / the nnU-Net run just before it: "
+          + ", ".join(f"{r:.2f}x" for r in paired) + f" (median {np.median(paired):.2f}x)")
     if not args.out:
         shutil.rmtree(work, ignore_errors=True)
-    return {"median": med, "runs": runs}
+    return {"median": med, "runs": runs, "paired_ratios": paired}
 
 
 if __name__ == "__main__":
