@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 (else fp16 + grad scaling) on CUDA, fp32 on CPU")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=_compile_default(),
-                   help="torch.compile the training step: about 0.85x the time per iteration on 2 CPU cores, after "
+                   help="torch.compile the model and loss: about 0.8x the time per iteration on 2 CPU cores, after "
                         "a one-off compilation of ~30 s (seconds when cached); default on, or $SUPREM_compile=0|1")
     p.add_argument("--num-workers", type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1)),
                    help="augmentation worker processes (0: in the training process)")

@@ -14,8 +14,9 @@ Measured on 2 x86 cores (fp32; the convolutions take 80-90 % of a step, see docs
   pages that the kernel zero-fills one fault at a time: 27,000-40,000 page faults per step of the
   benchmark network. Kept, a step has none and takes about 10 % less time.
 
-Together about 0.6x the time per iteration of the plain model on the CPU. Only compile is used
-on any device (unless switched off); the rest is CPU-specific.
+Together about 0.75x the time per iteration of the plain eager model on the CPU (see
+docs/benchmarks.md). Only compile is used on any device (unless switched off); the rest is
+CPU-specific.
 """
 from __future__ import annotations
 

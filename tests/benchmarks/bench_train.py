@@ -8,8 +8,9 @@ Both tools plan and preprocess the same generated dataset; nnU-Net's 3d_fullres 
 edited to our CPU plan's patch, batch and topology, so both train the identical architecture.
 nnU-Net runs with its own trainer class (timing hooks only), `nnUNet_n_proc_DA` = our
 `--num-workers`, no torch.compile (its default on CPU); ours runs as `suprem_train` does by default
-(channels-last, torch.compile). Each tool trains two epochs and is timed on the second, after its
-warm-up; our one-off compilation time is printed separately.
+(see suprem_net/training/acceleration.py). Each tool trains two epochs and is timed on the second,
+after its warm-up; our one-off compilation time is printed separately. The tools alternate, and
+each of our runs is also divided by the nnU-Net run just before it (the machine's speed drifts).
 """
 from __future__ import annotations
 
