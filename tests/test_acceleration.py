@@ -108,8 +108,8 @@ import resource, sys, torch
 from suprem_net.training.acceleration import keep_freed_memory
 if sys.argv[1] == "kept":
     assert keep_freed_memory()
-for step in range(15):  # a training step's activations: allocated, used, freed, again
-    if step == 5:  # glibc settles within a few steps
+for step in range(25):  # a training step's activations: allocated, used, freed, again
+    if step == 15:  # glibc settles within a few steps (at most 7 in 8 tries)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     activations = [torch.empty(12 << 20).fill_(1) for _ in range(2)]  # 48 MB each
     del activations
