@@ -168,3 +168,12 @@ def test_pretrained_file_with_frozen_encoder(tiny_root, tmp_path, caplog):
     assert enc and dec
     assert all(torch.equal(a[k], b[k]) for k in enc)  # frozen, loaded from the file
     assert not all(torch.equal(a[k], b[k]) for k in dec)  # trained
+    # a source model planned for other inputs: the trainer names them and the --like command
+    source_plans = first / DS / "suprem_plans" / "plans.json"
+    plan = json.loads(source_plans.read_text(encoding="utf-8"))
+    plan["target_spacing"] = [s * 2 for s in plan["target_spacing"]]
+    source_plans.write_text(json.dumps(plan), encoding="utf-8")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="suprem_net"):
+        assert main(_cmd(tiny_root, tmp_path / "third", "--epochs", "1", "--pretrained", str(source))) == 0
+    assert "target_spacing" in caplog.text and f"--like {source_plans.resolve()}" in caplog.text

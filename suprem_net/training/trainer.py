@@ -117,7 +117,7 @@ def effective_plan(plan: dict, cfg: TrainConfig, world_size: int) -> dict:
 def load_pretrained_weights(model, plan: dict, name_or_path: str, labels: dict) -> None:
     try:
         from suprem_net.weights import load_pretrained
-        from suprem_net.weights.heads import own_model_plan
+        from suprem_net.weights.heads import own_model_plan, own_model_plan_path
     except ImportError as e:
         raise SupremError(f"--pretrained needs the weights module, which is not available ({e})") from None
     report = load_pretrained(model, name_or_path, family=plan["network"]["family"], target_labels=labels,
@@ -129,8 +129,7 @@ def load_pretrained_weights(model, plan: dict, name_or_path: str, labels: dict) 
         differs = input_differences(source_plan, plan)
         if differs:
             log.warning("the pre-trained model saw other inputs (%s); re-plan with: suprem_plan_and_preprocess "
-                        "-d %s --like %s", "; ".join(differs), dataset,
-                        Path(report.path).resolve().parent.parent / "plans.json")
+                        "-d %s --like %s", "; ".join(differs), dataset, own_model_plan_path(report.path))
     elif plan.get("preset") is None:
         log.warning("the plan %s has no preset, so its spacing, orientation and intensity window differ from what "
                     "the SuPreM backbone saw in pre-training; re-plan with: suprem_plan_and_preprocess -d %s "

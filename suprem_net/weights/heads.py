@@ -135,11 +135,16 @@ def transfer_head(model: nn.Module, head_key: str, head_tensors: Mapping[str, to
     return matches, note
 
 
+def own_model_plan_path(checkpoint: str | Path) -> Path:
+    """Where the plan of a suprem_net model folder lies for one of its checkpoints
+    (``MODEL/fold_F/<file>`` next to ``MODEL/plans.json``)."""
+    return Path(checkpoint).resolve().parent.parent / "plans.json"
+
+
 def own_model_plan(checkpoint: str | Path) -> dict | None:
-    """The plan of the suprem_net model folder a checkpoint lies in (``MODEL/fold_F/<file>`` next to
-    ``MODEL/plans.json``), else ``None``."""
+    """The plan of the suprem_net model folder a checkpoint lies in, else ``None``."""
     try:
-        plan = json.loads((Path(checkpoint).resolve().parent.parent / "plans.json").read_text(encoding="utf-8"))
+        plan = json.loads(own_model_plan_path(checkpoint).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return plan if isinstance(plan, dict) and isinstance(plan.get("labels"), dict) else None
