@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from suprem_net.cli.plan_and_preprocess import main as plan_main
 from suprem_net.data.dataset import CaseStore
@@ -80,6 +81,8 @@ def test_batches_are_seeded_by_epoch_and_iteration(store_and_plan):
             b = next(multi)
             assert (b["epoch"], b["iteration"]) == (ref["epoch"], ref["iteration"])
             assert np.array_equal(b["data"], ref["data"]) and np.array_equal(b["seg"], ref["seg"])
+            # workers hand over torch tensors (shared memory, not a pipe); labels as int16
+            assert b["data"].dtype == torch.float32 and b["seg"].dtype == torch.int16
     finally:
         close_loader(multi)
     resumed = make_loader(store, store.case_ids, plan, start_epoch=1, num_workers=0, **common)

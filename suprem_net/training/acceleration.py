@@ -16,7 +16,7 @@ Measured on 2 x86 cores (fp32; the convolutions take 80-90 % of a step, see docs
 
 Together about 0.75x the time per iteration of the plain eager model on the CPU (see
 docs/benchmarks.md). Only compile is used on any device (unless switched off); the rest is
-CPU-specific.
+CPU-specific. On CUDA, cuDNN's autotuner is switched on instead (the patch shape never changes).
 """
 from __future__ import annotations
 
@@ -48,9 +48,14 @@ def instance_norms_as_group_norms(model: nn.Module) -> int:
     return count
 
 
-def prepare_for_training(model: nn.Module, family: str, device: torch.device) -> torch.memory_format:
+def prepare_for_training(model: nn.Module, family: str, device: torch.device,
+                         deterministic: bool = False) -> torch.memory_format:
     """Adapt ``model`` (in place) and, on the CPU, this process's allocator for fast training on
-    ``device``; returns the memory format that the model's inputs should have."""
+    ``device``; returns the memory format that the model's inputs should have. On CUDA, cuDNN
+    chooses its fastest convolution algorithms for the (fixed) patch shape, as nnU-Net does,
+    unless the run must be deterministic."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
     if device.type != "cpu":
         return torch.contiguous_format
     kept = keep_freed_memory()

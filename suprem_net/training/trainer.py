@@ -152,12 +152,15 @@ def input_differences(source: dict, plan: dict) -> list[str]:
 def _to_device(batch: dict, device: torch.device, memory_format=torch.contiguous_format
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(image, labels, annotated (B, K) bool or None: which classes each sample's case annotates)."""
-    x = torch.as_tensor(np.ascontiguousarray(batch["data"]), dtype=torch.float32)
-    y = torch.as_tensor(np.ascontiguousarray(batch["seg"])).round().long()
+    def tensor(a):  # tensors from the loader's workers, (possibly flipped) arrays without workers
+        return a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+
+    x = tensor(batch["data"]).to(device, torch.float32, non_blocking=True).contiguous(memory_format=memory_format)
+    y = tensor(batch["seg"]).to(device, non_blocking=True)  # int16 from the workers: converted on the device
+    y = (y.round() if y.is_floating_point() else y).long()
     ann = batch.get("annotated")
     ann = torch.as_tensor(np.asarray(ann, dtype=bool)).to(device) if ann is not None else None
-    x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-    return x, y.to(device, non_blocking=True), ann
+    return x, y, ann
 
 
 class FoldTraining:
@@ -202,7 +205,7 @@ class FoldTraining:
         np.random.seed(cfg.seed)
         self.model = build_network(plan["network"], self.store.num_channels(), plan["num_classes"]).to(self.device)
         family = plan["network"]["family"]
-        self.memory_format = prepare_for_training(self.model, family, self.device)
+        self.memory_format = prepare_for_training(self.model, family, self.device, cfg.deterministic)
         groups, self.encoder_params = parameter_groups(self.model, family, cfg.encoder_lr_scale)
         if (cfg.freeze_encoder_epochs or cfg.encoder_lr_scale != 1.0) and not self.encoder_params:
             raise SupremError(f"--freeze-encoder-epochs/--encoder-lr-scale: no encoder parameters found for {family}")
@@ -212,7 +215,7 @@ class FoldTraining:
         self.loss_fn = make_loss(plan)  # Dice + CE (softmax) or Dice + BCE (multi-label), deep supervision
         latest = self.fold_dir / "checkpoint_latest.pth"
         if cfg.resume and latest.is_file():
-            state = ck.load_checkpoint(latest, map_location=self.device)
+            state = ck.load_checkpoint(latest)  # on the CPU; restore() moves each part to its device
             ck.restore(state, model=self.model, optimizer=self.optimizer, schedule=self.schedule, scaler=self.scaler)
             self.start_epoch, self.best_ema = int(state["epoch"]), state["best_ema"]
             self.history = {k: list(state["logging"].get(k, [])) for k in self.history}
@@ -249,6 +252,12 @@ class FoldTraining:
         shutil.copyfile(self.dataset_json, self.model_dir / "dataset.json")
 
     # ---------------------------------------------------------------- steps
+    def precision_name(self) -> str:
+        if self.autocast_dtype is None:
+            return "fp32"
+        name = "bf16" if self.autocast_dtype == torch.bfloat16 else "fp16"
+        return f"{name} autocast" + (" with gradient scaling" if self.scaler is not None else "")
+
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -382,9 +391,9 @@ class FoldTraining:
             if self.dist.is_main:
                 self._write_model_folder()
                 log.info("fold %s: %d training, %d validation cases; %d epochs x %d iterations, batch %d (%d per "
-                         "process), patch %s, %s on %s", self.cfg.fold, len(self.train_ids), len(self.val_ids),
+                         "process), patch %s, %s on %s, %s", self.cfg.fold, len(self.train_ids), len(self.val_ids),
                          self.epochs, self.tr["iterations_per_epoch"], self.plan["batch_size"], self.per_rank_batch,
-                         self.plan["patch_size"], self.plan["network"]["family"], self.device)
+                         self.plan["patch_size"], self.plan["network"]["family"], self.device, self.precision_name())
             self._loaders()
             epoch = self.start_epoch
             try:
