@@ -84,6 +84,12 @@ def _training_defaults(family: str, preset: dict | None, device: str) -> dict:
             "weight_decay": 3e-5, "schedule": "poly", "poly_exponent": 0.9}
 
 
+def _step_kwargs(training: dict, dtype: str) -> dict:
+    """What :func:`measure_step` needs of the training recipe: precision, optimiser state, loss."""
+    return {"dtype": dtype, "optimizer_slots": 2 if training["optimizer"] == "adamw" else 1,
+            "loss": training.get("loss", "dice_ce")}
+
+
 def _fits(m: dict, budget: dict) -> float:
     """Factor (<= 1 means it fits) by which the step exceeds its budgets."""
     f = m["predicted_peak_bytes"] / budget["memory_bytes"]
@@ -92,14 +98,14 @@ def _fits(m: dict, budget: dict) -> float:
     return f
 
 
-def _plan_nnunet_patch(family, spacing, median_shape, in_ch, n_cls, budget, initial_volume, dtype, slots):
+def _plan_nnunet_patch(family, spacing, median_shape, in_ch, n_cls, budget, initial_volume, step: dict):
     aspect = 1.0 / np.asarray(spacing)
     patch = aspect * (initial_volume / np.prod(aspect)) ** (1 / 3)
     patch = np.minimum(np.round(patch), median_shape).astype(int)
     for _ in range(40):
         kw, padded = nnunet_kwargs(family, spacing, patch)
         network = {"family": family, "kwargs": kw, "deep_supervision": True}
-        m = measure_step(network, in_ch, n_cls, padded, 2, dtype, slots)
+        m = measure_step(network, in_ch, n_cls, padded, 2, **step)
         excess = _fits(m, budget)
         if excess <= 1.0:
             return network, padded, m
@@ -116,13 +122,13 @@ def _plan_nnunet_patch(family, spacing, median_shape, in_ch, n_cls, budget, init
                       "--cpu-seconds-per-iteration")
 
 
-def _plan_fixed_patch(family, kwargs, base_patch, median_shape, in_ch, n_cls, budget, dtype, slots):
+def _plan_fixed_patch(family, kwargs, base_patch, median_shape, in_ch, n_cls, budget, step: dict):
     div = family_module(family).DIVISOR
     minimum = 2 * div if family == "swinunetr" else max(div, 16) * 2
     patch = np.array(base_patch, dtype=int)
     network = {"family": family, "kwargs": kwargs, "deep_supervision": False}
     while True:
-        m = measure_step(network, in_ch, n_cls, patch.tolist(), 2, dtype, slots)
+        m = measure_step(network, in_ch, n_cls, patch.tolist(), 2, **step)
         if _fits(m, budget) <= 1.0:
             return network, patch.tolist(), m
         if patch.max() - div < minimum:
@@ -158,20 +164,20 @@ def make_plan(ds_spec: dict, fp: dict, *, plans_name: str, network: str | None =
     training = _training_defaults(family, pre, device)
     if multi_label:
         training["loss"] = "dice_bce"  # SuPreM's pre-training loss: sigmoid Dice + BCE
-    slots = 2 if training["optimizer"] == "adamw" else 1
     dtype = "float32" if device == "cpu" else "bfloat16"
+    step = _step_kwargs(training, dtype)
     if family in ("nnunet", "resenc"):
         initial = GPU_INITIAL_VOLUME if device == "cuda" else CPU_INITIAL_VOLUME
-        net, patch, m = _plan_nnunet_patch(family, spacing, median_shape, in_ch, n_cls, budget, initial, dtype, slots)
+        net, patch, m = _plan_nnunet_patch(family, spacing, median_shape, in_ch, n_cls, budget, initial, step)
     else:
         kwargs = dict(pre["network"]["kwargs"]) if pre else dict(SUPREM_DEFAULT_KWARGS[family])
         base = pre["patch_size"] if pre else [96, 96, 96]
-        net, patch, m = _plan_fixed_patch(family, kwargs, base, median_shape, in_ch, n_cls, budget, dtype, slots)
+        net, patch, m = _plan_fixed_patch(family, kwargs, base, median_shape, in_ch, n_cls, budget, step)
     batch = 2
     if device == "cuda" and not (family == "suprem_unet"):
         cap = max(2, int(MAX_DATASET_COVERED * np.prod(median_shape) * fp["num_cases"] / np.prod(patch)))
         while batch < cap:
-            m_next = measure_step(net, in_ch, n_cls, patch, batch + 1, dtype, slots)
+            m_next = measure_step(net, in_ch, n_cls, patch, batch + 1, **step)
             if _fits(m_next, budget) > 1.0:
                 break
             batch, m = batch + 1, m_next
@@ -223,9 +229,8 @@ def plan_like(ds_spec: dict, fp: dict, source: dict, *, plans_name: str, source_
     if multi_label:
         plan["training"]["loss"] = "dice_bce"
     budget = source["memory"]["budget_bytes"]
-    slots = 2 if plan["training"]["optimizer"] == "adamw" else 1
     m = measure_step(plan["network"], len(channels), n_cls, plan["patch_size"], plan["batch_size"],
-                     source["memory"]["compute_dtype"], slots)
+                     **_step_kwargs(plan["training"], source["memory"]["compute_dtype"]))
     if m["predicted_peak_bytes"] > budget:
         log.warning("the source plan's network needs %.1f GiB per step with this dataset's %d classes, over its "
                     "budget of %.1f GiB", m["predicted_peak_bytes"] / 2 ** 30, n_cls, budget / 2 ** 30)
