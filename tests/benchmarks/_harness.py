@@ -16,7 +16,11 @@ NNUNET_VENV = REPO / ".bench" / "venv"
 
 def ensure_nnunet_env() -> Path:
     """A virtual environment with nnunetv2 from PyPI (the benchmark environment only, never a
-    dependency of suprem_net). It shares this interpreter's site-packages for the CPU torch."""
+    dependency of suprem_net). It shares this interpreter's site-packages for the CPU torch.
+    ``$SUPREM_BENCH_NNUNET_BIN`` names a folder that already holds ``python`` (with nnunetv2) and
+    ``nnUNetv2_plan_and_preprocess`` instead (e.g. on a machine without package registries)."""
+    if os.environ.get("SUPREM_BENCH_NNUNET_BIN"):
+        return Path(os.environ["SUPREM_BENCH_NNUNET_BIN"])
     bin_dir = NNUNET_VENV / "bin"
     if not (bin_dir / "nnUNetv2_plan_and_preprocess").exists():
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(NNUNET_VENV)], check=True)
