@@ -46,7 +46,7 @@ CT_SPEC = {"channel_names": {"0": "CT"}, "labels": {"background": 0, **{f"organ{
 FAMILIES = {"nnunet": {"network": "nnunet"}, "resenc": {"network": "resenc"},
             "suprem_unet": {"preset": "suprem_unet"}, "suprem_swinunetr": {"preset": "suprem_swinunetr"},
             "suprem_segresnet": {"preset": "suprem_segresnet"}}
-DATASET_ID = 961
+DATASET_ID = 970  # apart from the other benchmarks' datasets
 
 
 def ct_fingerprint(n: int = 40) -> dict:
@@ -56,7 +56,7 @@ def ct_fingerprint(n: int = 40) -> dict:
         sp = [float(rng.uniform(2.0, 3.0)), float(rng.uniform(0.7, 0.9))]
         sh = [int(rng.integers(150, 250)), 512, 512]
         cases.append({"case_id": f"c{i}", "spacing": [sp[0], sp[1], sp[1]], "shape": sh, "shape_after_crop": sh})
-    return {"dataset": "Dataset961_CT", "num_cases": n, "cases": cases,
+    return {"dataset": "Dataset970_CT", "num_cases": n, "cases": cases,
             "foreground_intensity_properties_per_channel": {
                 "0": {"mean": 80.0, "std": 60.0, "percentile_00_5": -160.0, "percentile_99_5": 300.0}}}
 
