@@ -6,15 +6,16 @@ one run; plus the share of each step spent waiting for data.
                                            [--device cpu|cuda] [--inplane-spacing 2.4 3.2] [--z-spacing 2.5 5]
 
 Both tools plan and preprocess the same generated dataset; nnU-Net's 3d_fullres plan is then
-edited to our CPU plan's patch, batch and topology, so both train the identical architecture.
+edited to our plan's patch, batch and topology, so both train the identical architecture.
 nnU-Net runs with its own trainer class (timing hooks only), `nnUNet_n_proc_DA` = our
 `--num-workers`, no torch.compile on the CPU (its default there; on CUDA it compiles and uses fp16
 autocast, its defaults); ours runs as `suprem_train` does by default (see
 suprem_net/training/acceleration.py; on CUDA: compiled, bf16 autocast). With ``--device cuda`` both
 tools train on the GPU from a plan made for it (``suprem_plan_and_preprocess --device cuda``); finer
 ``--inplane-spacing``/``--z-spacing`` make larger cases, so that the GPU plan's patch is a realistic one.
-Each tool trains two epochs and is timed on the second, after its warm-up; our one-off compilation time is printed separately. The tools alternate, and
-each of our runs is also divided by the nnU-Net run just before it (the machine's speed drifts).
+Each tool trains two epochs and is timed on the second, after its warm-up; our one-off compilation
+time is printed separately. The tools alternate, and each of our runs is also divided by the
+nnU-Net run just before it (the machine's speed drifts).
 """
 from __future__ import annotations
 
