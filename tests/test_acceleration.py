@@ -125,3 +125,14 @@ def test_kept_memory_spares_the_page_faults_of_large_tensors():
               for mode in ("default", "kept")}
     assert faults["default"] > 10 * 2 * 10_000
     assert faults["kept"] < 1_000
+
+
+def test_cuda_training_autotunes_cudnn_unless_deterministic(monkeypatch):
+    """Only a flag is set for CUDA (no GPU needed): the model keeps its layout and norms."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.InstanceNorm3d(2, affine=True))
+    cuda = torch.device("cuda")
+    assert prepare_for_training(net, "nnunet", cuda) == torch.contiguous_format
+    assert torch.backends.cudnn.benchmark and isinstance(net[1], torch.nn.InstanceNorm3d)
+    prepare_for_training(net, "nnunet", cuda, deterministic=True)
+    assert not torch.backends.cudnn.benchmark

@@ -7,6 +7,7 @@ from suprem_net.planning.memory import measure_step
 from suprem_net.planning.planner import make_plan, target_spacing
 from suprem_net.planning.presets import load_preset, preset_names
 from suprem_net.planning.topology import nnunet_kwargs, pool_and_conv_props
+from tests.benchmarks.cuda_check import ct_fingerprint
 
 SPEC = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "spleen": 2},
         "file_ending": ".nii.gz", "numTraining": 4}
@@ -65,7 +66,7 @@ def test_mixed_precision_memory_model_matches_gpu_measurements(name, patch, batc
     """The model imitates autocast (fp32 group norms, bf16 convolutions) and counts the loss; it must not
     under-predict (a plan that does not fit the GPU) nor waste much of it. Before both, SegResNet's
     peak was 2.6x the prediction."""
-    spacing = [2.633, 0.795, 0.795]  # the target spacing of tests.benchmarks.cuda_check's CT collection
+    spacing = target_spacing(ct_fingerprint())  # the CT collection cuda_check plans for
     if name in ("nnunet", "resenc"):
         kw, padded = nnunet_kwargs(name, spacing, patch)
         assert padded == patch

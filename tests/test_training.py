@@ -92,6 +92,7 @@ def test_train_outputs_and_checkpoint_keys(tiny_root, tmp_path):
     assert ckpt["epoch"] == 2 and len(ckpt["logging"]["pseudo_dice"]) == 2
     assert json.loads((model_dir / "plans.json").read_text())["training"]["epochs"] == 2
     assert "epoch 1" in (fold / "training_log.txt").read_text()
+    assert "nnunet on cpu, fp32" in (fold / "training_log.txt").read_text()  # the header names the precision
     assert (tiny_root / "pp" / DS / "splits.json").is_file()
     summary = json.loads((fold / "validation" / "summary.json").read_text())
     val_ids = json.loads((tiny_root / "pp" / DS / "splits.json").read_text())[0]["val"]

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ from suprem_net.synthetic import SyntheticSpec, write_raw_dataset
 from suprem_net.training.multilabel_loss import make_loss
 from suprem_net.training.schedules import make_optimizer
 from suprem_net.training.trainer import parameter_groups
+from tests.benchmarks._harness import run_measured
 
 # a typical abdominal CT collection: 2.5 mm slices, 0.8 mm in-plane, 13 organs
 CT_SPEC = {"channel_names": {"0": "CT"}, "labels": {"background": 0, **{f"organ{i}": i for i in range(1, 14)}},
@@ -127,14 +127,13 @@ def stage_memory(device: torch.device, tiny: bool) -> dict:
     return out
 
 
-def _run(cmd: list[str], log: Path) -> str:
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _run(cmd: list[str], log: Path) -> None:
+    """Run one command (a failure raises with the end of its output); its output goes to ``log``."""
     with log.open("a") as f:
-        f.write(f"$ {' '.join(cmd)}  # rc {p.returncode}, {time.perf_counter() - t0:.1f} s\n{p.stdout}\n")
-    if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:3])} failed ({p.returncode}): {p.stdout[-1500:]}")
-    return p.stdout
+        f.write(f"$ {' '.join(cmd)}\n")
+    r = run_measured(cmd)
+    with log.open("a") as f:
+        f.write(f"# {r['wall_s']:.1f} s\n{r['output']}\n")
 
 
 def _cli(name: str) -> list[str]:
