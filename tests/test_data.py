@@ -10,7 +10,8 @@ import torch
 from suprem_net.cli.plan_and_preprocess import main as plan_main
 from suprem_net.data.dataset import CaseStore
 from suprem_net.data.loader import close_loader, make_loader
-from suprem_net.data.sampler import forced_foreground, read_size
+from suprem_net.data.augmentation import ELASTIC_ALPHA, ELASTIC_SIGMA, AugmentationConfig, SpatialAugmentation
+from suprem_net.data.sampler import forced_foreground
 from suprem_net.preprocessing.storage import open_array
 from suprem_net.synthetic import SyntheticSpec, write_raw_dataset
 
@@ -44,11 +45,50 @@ def test_read_region_pads_outside(store_and_plan):
     assert np.all(seg[:, 2:] == 0)
 
 
-def test_read_size_covers_rotation():
-    assert read_size([16, 16, 16], (0, 0, 0)) == [16, 16, 16]
-    big = read_size([16, 32, 32], (30, 30, 30), 1.4)
-    assert all(b > p for b, p in zip(big, [16, 32, 32]))
-    assert read_size([8, 64, 64], (30, 0, 0))[0] == 8
+@pytest.mark.parametrize("elastic", [False, True])
+def test_spatial_augmentation_is_batchgenerators_on_the_region_it_needs(elastic):
+    """Per sample, the same draws, coordinates and interpolation as batchgenerators' augment_spatial
+    given a generous region around the patch, while reading only the drawn coordinates' bounding box
+    (and just the patch when nothing spatial was drawn)."""
+    from batchgenerators.augmentations.spatial_transformations import augment_spatial
+
+    gen = np.random.default_rng(0)
+    volume = gen.normal(size=(1, 40, 80, 80)).astype(np.float32)
+    labels = gen.integers(0, 5, size=(1, 40, 80, 80)).astype(np.uint8)
+    reads = []
+
+    def read(lo, size):  # zeros outside the volume, as CaseStore.read
+        reads.append([int(s) for s in size])
+        img, seg = np.zeros((1, *size), np.float32), np.zeros((1, *size), np.uint8)
+        src = tuple(slice(max(0, a), min(n, a + s)) for a, s, n in zip(lo, size, volume.shape[1:]))
+        dst = tuple(slice(r.start - a, r.stop - a) for r, a in zip(src, lo))
+        img[(slice(None),) + dst], seg[(slice(None),) + dst] = volume[(slice(None),) + src], labels[(slice(None),) + src]
+        return img, seg
+
+    patch, lo, margin = [16, 24, 24], [12, 28, 20], 24
+    cfg = AugmentationConfig(elastic=elastic, p_rotation=0.5, p_scale=0.5, p_elastic=0.5)
+    rz, ry, rx = np.radians(cfg.rotation_deg)
+    spatial, identity = SpatialAugmentation(patch, cfg), 0
+    for seed in range(8):
+        np.random.seed(seed)
+        img, seg = spatial(read, lo)
+        size = reads[-1]
+        big_img, big_seg = read([a - margin for a in lo], [p + 2 * margin for p in patch])
+        np.random.seed(seed)
+        ref_img, ref_seg = augment_spatial(
+            big_img[None], big_seg[None], patch, None, do_elastic_deform=elastic, alpha=ELASTIC_ALPHA,
+            sigma=ELASTIC_SIGMA, angle_x=(-rz, rz), angle_y=(-ry, ry), angle_z=(-rx, rx), scale=cfg.scale,
+            border_mode_data="constant", border_cval_data=0, order_data=1, border_mode_seg="constant",
+            border_cval_seg=0, order_seg=0, random_crop=False, p_el_per_sample=cfg.p_elastic,
+            p_scale_per_sample=cfg.p_scale, p_rot_per_sample=cfg.p_rotation)
+        np.testing.assert_allclose(img, ref_img[0], atol=1e-4)
+        assert np.mean(seg != ref_seg[0]) < 1e-3
+        if size == patch:
+            identity += 1
+            assert np.array_equal(img, volume[:, 12:28, 28:52, 20:44])
+        else:  # the sampling coordinates' bounding box: inside the library's generous region (zoom-in: smaller)
+            assert all(s < p + 2 * margin for p, s in zip(patch, size))
+    assert 0 < identity < 8
 
 
 def test_forced_foreground_share():

@@ -1,15 +1,23 @@
 """The training transform pipeline (batchgenerators v1), nnU-Net's default recipe.
 
-Spatial (rotation, scaling, optional elastic; centre crop from the larger read region to the
-plan's patch), then intensity (noise, blur, brightness, contrast, low resolution, gamma) and
-mirroring. All randomness comes from numpy's global generator, which the loader seeds per
-batch, so a batch is a function of (seed, epoch, iteration, rank).
+Spatial (rotation, scaling, optional elastic; :class:`SpatialAugmentation`, applied by the loader
+while it reads each sample), then intensity (noise, blur, brightness, contrast, low resolution,
+gamma) and mirroring. All randomness comes from numpy's global generator, which the loader seeds
+per batch, so a batch is a function of (seed, epoch, iteration, rank).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+import numpy as np
+from batchgenerators.augmentations.utils import (
+    create_zero_centered_coordinate_mesh,
+    elastic_deform_coordinates,
+    interpolate_img,
+    rotate_coords_3d,
+    scale_coords,
+)
 from batchgenerators.transforms.abstract_transforms import Compose
 from batchgenerators.transforms.color_transforms import (
     BrightnessMultiplicativeTransform,
@@ -18,9 +26,10 @@ from batchgenerators.transforms.color_transforms import (
 )
 from batchgenerators.transforms.noise_transforms import GaussianBlurTransform, GaussianNoiseTransform
 from batchgenerators.transforms.resample_transforms import SimulateLowResolutionTransform
-from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
+from batchgenerators.transforms.spatial_transforms import MirrorTransform
 
 ANISOTROPY_RATIO = 3.0
+ELASTIC_ALPHA, ELASTIC_SIGMA = (0.0, 200.0), (9.0, 13.0)
 
 
 @dataclass
@@ -41,24 +50,65 @@ class AugmentationConfig:
             cfg.rotation_deg = (30.0, 0.0, 0.0)
         return cfg
 
-    def read_margin_scale(self) -> float:
-        """Largest zoom-out factor the spatial transform uses (sampling coordinates scale by it)."""
-        return self.scale[1]
+
+class SpatialAugmentation:
+    """batchgenerators' ``SpatialTransform`` for one sample at a time, reading only what it needs.
+
+    The draws (from numpy's global generator, in the library's order), the coordinate functions
+    and the interpolation (linear for the image, nearest for the labels, zeros outside) are the
+    library's. What differs is the input: the library's transform takes every sample cut to the
+    largest region any draw could map into the patch (for a 24x48x48 patch with 30 degree rotations
+    and 1.4x zoom-out, 82x101x97 voxels: 14x the patch), so the workers read and decompressed that
+    much for every sample. Here the region is the bounding box of the drawn sampling coordinates,
+    and a sample drawn without rotation, scaling or deformation (64 % with the default
+    probabilities) is a plain read of the patch.
+    """
+
+    def __init__(self, patch, cfg: AugmentationConfig):
+        self.patch, self.cfg = [int(p) for p in patch], cfg
+
+    def draw_coordinates(self) -> np.ndarray | None:
+        """(3, *patch) sampling coordinates around the patch centre, or ``None`` for the identity."""
+        cfg = self.cfg
+        coords = create_zero_centered_coordinate_mesh(self.patch)
+        modified = False
+        if cfg.elastic and np.random.uniform() < cfg.p_elastic:
+            alpha, sigma = np.random.uniform(*ELASTIC_ALPHA), np.random.uniform(*ELASTIC_SIGMA)
+            coords = elastic_deform_coordinates(coords, alpha, sigma)
+            modified = True
+        if any(cfg.rotation_deg) and np.random.uniform() < cfg.p_rotation:
+            angles = []
+            for deg in cfg.rotation_deg:  # about z (the library's angle_x), y, x
+                np.random.uniform()  # the library's per-axis draw (p_rot_per_axis = 1: always rotates)
+                angles.append(np.random.uniform(-math.radians(deg), math.radians(deg)))
+            coords = rotate_coords_3d(coords, *angles)
+            modified = True
+        if np.random.uniform() < cfg.p_scale:
+            low, high = cfg.scale
+            zoom_in = np.random.random() < 0.5 and low < 1
+            coords = scale_coords(coords, np.random.uniform(low, 1) if zoom_in else np.random.uniform(max(low, 1), high))
+            modified = True
+        return coords if modified else None
+
+    def __call__(self, read, lo) -> tuple[np.ndarray, np.ndarray]:
+        """The augmented patch whose unaugmented position starts at ``lo``; ``read(lo, size)`` returns
+        the image (C, ...) and labels (1, ...) of a region, zeros outside the volume."""
+        coords = self.draw_coordinates()
+        if coords is None:
+            return read(lo, self.patch)
+        coords += (np.asarray(lo, float) + (np.asarray(self.patch) - 1) / 2)[:, None, None, None]
+        flat = coords.reshape(3, -1)
+        region_lo = np.floor(flat.min(1)).astype(int)
+        image, seg = read(region_lo, np.floor(flat.max(1)).astype(int) + 2 - region_lo)
+        coords -= region_lo[:, None, None, None]
+        image = np.stack([interpolate_img(c, coords, 1, "constant", 0.0) for c in image])
+        return image, interpolate_img(seg[0], coords, 0, "constant", 0, is_seg=True)[None]
 
 
 def training_transforms(patch, cfg: AugmentationConfig) -> Compose:
-    # batchgenerators' angle_x rotates about the first spatial axis (our z)
-    rz, ry, rx = (math.radians(a) for a in cfg.rotation_deg)
+    """Everything after the spatial step: intensity transforms and mirroring."""
     ignore_axes = (0,) if max(patch[1:]) / patch[0] > ANISOTROPY_RATIO else None
     transforms = [
-        SpatialTransform(
-            list(patch), patch_center_dist_from_border=None, do_elastic_deform=cfg.elastic,
-            alpha=(0.0, 200.0), sigma=(9.0, 13.0), do_rotation=any(cfg.rotation_deg),
-            angle_x=(-rz, rz), angle_y=(-ry, ry), angle_z=(-rx, rx), do_scale=True, scale=cfg.scale,
-            border_mode_data="constant", border_cval_data=0, order_data=1, border_mode_seg="constant",
-            border_cval_seg=0, order_seg=0, random_crop=False, p_el_per_sample=cfg.p_elastic,
-            p_scale_per_sample=cfg.p_scale, p_rot_per_sample=cfg.p_rotation,
-            independent_scale_for_each_axis=False),
         GaussianNoiseTransform(p_per_sample=0.1),
         GaussianBlurTransform((0.5, 1.0), different_sigma_per_channel=True, p_per_sample=0.2, p_per_channel=0.5),
         BrightnessMultiplicativeTransform(multiplier_range=(0.75, 1.25), p_per_sample=0.15),

@@ -23,9 +23,9 @@ from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAu
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from batchgenerators.transforms.abstract_transforms import AbstractTransform, Compose
 
-from suprem_net.data.augmentation import AugmentationConfig, training_transforms
+from suprem_net.data.augmentation import AugmentationConfig, SpatialAugmentation, training_transforms
 from suprem_net.data.dataset import CaseStore
-from suprem_net.data.sampler import choose_region, forced_foreground, read_size
+from suprem_net.data.sampler import choose_region, forced_foreground
 from suprem_net.preprocessing.bitmask import pack16
 
 TRAIN_STREAM, VAL_STREAM = 0, 1
@@ -82,15 +82,16 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 class PatchLoader(SlimDataLoaderBase):
-    """Draws ``batch_size`` patches per call; batch ``g`` of the stream is (epoch, iteration) =
-    divmod(g + start_epoch * iterations_per_epoch, iterations_per_epoch)."""
+    """Draws ``batch_size`` patches per call, each through ``spatial`` (the spatial augmentation,
+    which reads the region it needs) or read as is; batch ``g`` of the stream is (epoch, iteration)
+    = divmod(g + start_epoch * iterations_per_epoch, iterations_per_epoch)."""
 
-    def __init__(self, store: CaseStore, case_ids: list[str], patch, size, batch_size: int, oversample: float,
+    def __init__(self, store: CaseStore, case_ids: list[str], patch, batch_size: int, oversample: float,
                  seed: int, rank: int, stream: int, iterations_per_epoch: int, start_epoch: int = 0,
-                 num_threads: int = 1):
+                 num_threads: int = 1, spatial: SpatialAugmentation | None = None):
         super().__init__(None, batch_size, num_threads)
         self.store, self.case_ids = store, list(case_ids)
-        self.patch, self.size = list(patch), list(size)
+        self.patch, self.spatial = list(patch), spatial
         self.oversample, self.seed, self.rank, self.stream = oversample, seed, rank, stream
         self.iterations_per_epoch, self.start_epoch = iterations_per_epoch, start_epoch
         self.counter = 0
@@ -120,8 +121,11 @@ class PatchLoader(SlimDataLoaderBase):
         for force in forced:
             case_id = self.case_ids[int(rng.integers(len(self.case_ids)))]
             props = self.store.properties(case_id)
-            lo = choose_region(props, self.store.shape(case_id), self.patch, self.size, force, rng)
-            img, seg = self.store.read(case_id, lo, self.size)
+            lo = choose_region(props, self.store.shape(case_id), self.patch, force, rng)
+            if self.spatial is None:
+                img, seg = self.store.read(case_id, lo, self.patch)
+            else:
+                img, seg = self.spatial(lambda lo, size, case_id=case_id: self.store.read(case_id, lo, size), lo)
             images.append(img)
             segs.append(seg)
             keys.append(case_id)
@@ -140,17 +144,15 @@ def make_loader(store: CaseStore, case_ids: list[str], plan: dict, *, batch_size
     """An iterator of augmented batches (dicts with numpy ``data`` (B,C,Z,Y,X) and ``seg`` (B,1,Z,Y,X))."""
     patch = [int(p) for p in plan["patch_size"]]
     oversample = float(plan["training"].get("oversample_foreground", 0.33))
-    transform = None
-    size = patch
+    transform = spatial = None
     if train and augment:
         cfg = AugmentationConfig.for_patch(patch, elastic)
-        size = read_size(patch, cfg.rotation_deg, cfg.read_margin_scale())
-        transform = training_transforms(patch, cfg)
-    loader = PatchLoader(store, case_ids, patch, size, batch_size, oversample, seed, rank,
+        spatial, transform = SpatialAugmentation(patch, cfg), training_transforms(patch, cfg)
+    loader = PatchLoader(store, case_ids, patch, batch_size, oversample, seed, rank,
                          TRAIN_STREAM if train else VAL_STREAM, iterations_per_epoch, start_epoch,
-                         max(1, num_workers))
+                         max(1, num_workers), spatial)
     loader.label_channels = label_channels_of(plan)
-    log.debug("%s loader: patch %s, read %s, %d workers", "train" if train else "val", patch, size, num_workers)
+    log.debug("%s loader: patch %s, %d workers", "train" if train else "val", patch, num_workers)
     if num_workers <= 0:
         return SingleThreadedAugmenter(loader, transform)
     transform = Compose([transform, AsTensors()]) if transform is not None else AsTensors()

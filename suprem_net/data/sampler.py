@@ -7,32 +7,7 @@ inside the volume where the volume is large enough.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
-
-
-def read_size(patch, rotation_deg: tuple[float, float, float], max_scale: float = 1.0) -> list[int]:
-    """Edge lengths of the region to read so that a patch rotated by up to ``rotation_deg``
-    (about z, y, x) and scaled by up to ``max_scale`` is still covered; never below ``patch``."""
-    corners = np.array([[sz, sy, sx] for sz in (-1, 1) for sy in (-1, 1) for sx in (-1, 1)], float)
-    corners *= np.asarray(patch, float) / 2
-    extent = np.abs(corners).max(0)
-    for signs in ((1, 1, 1), (1, 1, -1), (1, -1, 1), (-1, 1, 1)):
-        rz, ry, rx = (math.radians(a) * s for a, s in zip(rotation_deg, signs))
-        rot = _rotation(rz, ry, rx)
-        extent = np.maximum(extent, np.abs(corners @ rot.T).max(0))
-    size = np.ceil(2 * extent * max(1.0, max_scale)).astype(int)
-    return [int(max(p, s)) for p, s in zip(patch, size)]
-
-
-def _rotation(rz: float, ry: float, rx: float) -> np.ndarray:
-    """Rotation matrix in (z, y, x) coordinates: about z (in-plane), then y, then x."""
-    cz, sz, cy, sy, cx, sx = math.cos(rz), math.sin(rz), math.cos(ry), math.sin(ry), math.cos(rx), math.sin(rx)
-    about_z = np.array([[1, 0, 0], [0, cz, -sz], [0, sz, cz]])
-    about_y = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    about_x = np.array([[cx, -sx, 0], [sx, cx, 0], [0, 0, 1]])
-    return about_x @ about_y @ about_z
 
 
 def foreground_center(props: dict, rng: np.random.Generator) -> list[int] | None:
@@ -63,12 +38,12 @@ def patch_origin(center, size) -> list[int]:
     return [int(c) - int(s) // 2 for c, s in zip(center, size)]
 
 
-def choose_region(props: dict, shape, patch, size, force_foreground: bool, rng: np.random.Generator) -> list[int]:
-    """Lower corner of the region (``size``, possibly larger than ``patch``) to read for one sample."""
+def choose_region(props: dict, shape, patch, force_foreground: bool, rng: np.random.Generator) -> list[int]:
+    """Lower corner of one sample's patch (before spatial augmentation, which turns about its centre)."""
     center = foreground_center(props, rng) if force_foreground else None
     if center is None:
         center = random_center(shape, patch, rng)
-    return patch_origin(center, size)
+    return patch_origin(center, patch)
 
 
 def forced_foreground(batch_size: int, fraction: float) -> list[bool]:
