@@ -66,29 +66,33 @@ class SpatialAugmentation:
 
     def __init__(self, patch, cfg: AugmentationConfig):
         self.patch, self.cfg = [int(p) for p in patch], cfg
+        self._mesh: np.ndarray | None = None
+
+    def _identity(self) -> np.ndarray:
+        """The patch's own coordinates, made once (elastic deformation and rotation return new arrays)."""
+        if self._mesh is None:
+            self._mesh = create_zero_centered_coordinate_mesh(self.patch)
+        return self._mesh
 
     def draw_coordinates(self) -> np.ndarray | None:
         """(3, *patch) sampling coordinates around the patch centre, or ``None`` for the identity."""
         cfg = self.cfg
-        coords = create_zero_centered_coordinate_mesh(self.patch)
-        modified = False
+        coords = None
         if cfg.elastic and np.random.uniform() < cfg.p_elastic:
             alpha, sigma = np.random.uniform(*ELASTIC_ALPHA), np.random.uniform(*ELASTIC_SIGMA)
-            coords = elastic_deform_coordinates(coords, alpha, sigma)
-            modified = True
+            coords = elastic_deform_coordinates(self._identity(), alpha, sigma)
         if any(cfg.rotation_deg) and np.random.uniform() < cfg.p_rotation:
             angles = []
             for deg in cfg.rotation_deg:  # about z (the library's angle_x), y, x
                 np.random.uniform()  # the library's per-axis draw (p_rot_per_axis = 1: always rotates)
                 angles.append(np.random.uniform(-math.radians(deg), math.radians(deg)))
-            coords = rotate_coords_3d(coords, *angles)
-            modified = True
+            coords = rotate_coords_3d(self._identity() if coords is None else coords, *angles)
         if np.random.uniform() < cfg.p_scale:
             low, high = cfg.scale
             zoom_in = np.random.random() < 0.5 and low < 1
-            coords = scale_coords(coords, np.random.uniform(low, 1) if zoom_in else np.random.uniform(max(low, 1), high))
-            modified = True
-        return coords if modified else None
+            factor = np.random.uniform(low, 1) if zoom_in else np.random.uniform(max(low, 1), high)
+            coords = scale_coords(self._identity().copy() if coords is None else coords, factor)  # in place
+        return coords
 
     def __call__(self, read, lo) -> tuple[np.ndarray, np.ndarray]:
         """The augmented patch whose unaugmented position starts at ``lo``; ``read(lo, size)`` returns
