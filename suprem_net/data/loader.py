@@ -10,6 +10,7 @@ epoch E sees exactly the batches an uninterrupted run would.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import random
@@ -125,7 +126,7 @@ class PatchLoader(SlimDataLoaderBase):
             if self.spatial is None:
                 img, seg = self.store.read(case_id, lo, self.patch)
             else:
-                img, seg = self.spatial(lambda lo, size, case_id=case_id: self.store.read(case_id, lo, size), lo)
+                img, seg = self.spatial(functools.partial(self.store.read, case_id), lo)
             images.append(img)
             segs.append(seg)
             keys.append(case_id)
