@@ -64,9 +64,7 @@ class AsTensors(AbstractTransform):
 
     def __call__(self, **batch):
         batch["data"] = torch.from_numpy(np.ascontiguousarray(batch["data"], dtype=np.float32))
-        seg = batch["seg"]
-        batch["seg"] = torch.from_numpy(np.ascontiguousarray(seg if seg.dtype == np.int16 else np.rint(seg),
-                                                             dtype=np.int16))
+        batch["seg"] = torch.from_numpy(np.ascontiguousarray(batch["seg"], dtype=np.int16))
         return batch
 
 
@@ -142,7 +140,8 @@ class PatchLoader(SlimDataLoaderBase):
 def make_loader(store: CaseStore, case_ids: list[str], plan: dict, *, batch_size: int, seed: int, rank: int,
                 train: bool, iterations_per_epoch: int, start_epoch: int, num_workers: int,
                 elastic: bool = False, augment: bool = True, pin_memory: bool = False):
-    """An iterator of augmented batches (dicts with numpy ``data`` (B,C,Z,Y,X) and ``seg`` (B,1,Z,Y,X))."""
+    """An iterator of augmented batches: dicts with ``data`` (B,C,Z,Y,X) and integer ``seg`` (B,1,Z,Y,X),
+    numpy arrays without workers, torch tensors (float32, int16) from workers."""
     patch = [int(p) for p in plan["patch_size"]]
     oversample = float(plan["training"].get("oversample_foreground", 0.33))
     transform = spatial = None

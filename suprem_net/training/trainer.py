@@ -156,8 +156,7 @@ def _to_device(batch: dict, device: torch.device, memory_format=torch.contiguous
         return a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
 
     x = tensor(batch["data"]).to(device, torch.float32, non_blocking=True).contiguous(memory_format=memory_format)
-    y = tensor(batch["seg"]).to(device, non_blocking=True)  # int16 from the workers: converted on the device
-    y = (y.round() if y.is_floating_point() else y).long()
+    y = tensor(batch["seg"]).to(device, non_blocking=True).long()  # int16 from the workers: widened on the device
     ann = batch.get("annotated")
     ann = torch.as_tensor(np.asarray(ann, dtype=bool)).to(device) if ann is not None else None
     return x, y, ann
