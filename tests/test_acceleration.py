@@ -10,7 +10,8 @@ import sys
 import torch
 
 from suprem_net.networks import build_network
-from suprem_net.training.acceleration import instance_norms_as_group_norms, prepare_for_training
+from suprem_net.training.acceleration import (UpsamplingAsMatmul, instance_norms_as_group_norms,
+                                              prepare_for_training, upsampling_as_matmuls)
 from tests.conftest import shrink_plan, tiny_net
 
 
@@ -28,6 +29,7 @@ def test_prepared_model_matches_plain_model():
     fmt = prepare_for_training(fast, "nnunet", torch.device("cpu"))
     assert fmt == torch.channels_last_3d
     assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in fast.modules())
+    assert any(isinstance(m, UpsamplingAsMatmul) for m in fast.modules())
     assert list(fast.state_dict()) == list(plain.state_dict())
     x = torch.randn(2, 1, 16, 24, 24)
     out_a, grad_a = _step(plain, x)
@@ -43,6 +45,29 @@ def test_group_norm_swap_keeps_parameters_in_place():
     before = {id(p) for p in net.parameters()}
     n = instance_norms_as_group_norms(net)
     assert n > 0 and {id(p) for p in net.parameters()} == before  # an optimiser built earlier stays valid
+
+
+def test_upsampling_as_matmul_is_the_transposed_convolution():
+    """Kernel = stride (anisotropic too), with and without bias, either memory layout: the same output
+    and gradients as oneDNN's transposed convolution; overlapping ones are left alone."""
+    torch.manual_seed(0)
+    for kernel, bias in (((2, 2, 2), True), ((1, 2, 2), False), ((2, 1, 3), True)):
+        plain = torch.nn.ConvTranspose3d(6, 4, kernel, kernel, bias=bias)
+        fast = copy.deepcopy(plain)
+        assert upsampling_as_matmuls(fast) == 1 and list(fast.state_dict()) == list(plain.state_dict())
+        for fmt in (torch.contiguous_format, torch.channels_last_3d):
+            x = torch.randn(2, 6, 3, 5, 4).contiguous(memory_format=fmt)
+            y = torch.randn(2, 4, 3 * kernel[0], 5 * kernel[1], 4 * kernel[2])
+            grads = []
+            for m in (plain, fast):
+                m.zero_grad()
+                xi = x.clone().requires_grad_()
+                out = m(xi)
+                (out * y).sum().backward()
+                grads.append((out.detach(), xi.grad, *(p.grad for p in m.parameters())))
+            for a, b in zip(*grads):
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert upsampling_as_matmuls(torch.nn.ConvTranspose3d(4, 4, 3, 2)) == 0
 
 
 def test_compiled_training_run(tmp_path):

@@ -22,7 +22,8 @@ SETTINGS = {
     "eager, contiguous, instance norm (as nnU-Net on the CPU)": [],
     "+ group norm, channels-last": ["layout"],
     "+ torch.compile (model and loss)": ["layout", "compile"],
-    "+ freed memory kept (suprem_train's default)": ["layout", "compile", "memory"],
+    "+ freed memory kept": ["layout", "compile", "memory"],
+    "+ upsampling as matrix products (suprem_train's default)": ["layout", "compile", "memory", "upsampling"],
     "torch.compile alone": ["compile"],
 }
 NETWORK = {"family": "nnunet", "deep_supervision": True, "kwargs": {
@@ -47,6 +48,8 @@ def time_steps(levers: list[str], steps: int) -> float:
         acc.instance_norms_as_group_norms(model)
         model.to(memory_format=torch.channels_last_3d)
         fmt = torch.channels_last_3d
+    if "upsampling" in levers:
+        acc.upsampling_as_matmuls(model)
     if "memory" in levers:
         assert acc.keep_freed_memory()
     loss_fn = SegmentationLoss(NETWORK["kwargs"]["strides"])
