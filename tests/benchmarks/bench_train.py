@@ -14,8 +14,8 @@ suprem_net/training/acceleration.py; on CUDA: compiled, bf16 autocast). With ``-
 tools train on the GPU from a plan made for it (``suprem_plan_and_preprocess --device cuda``); finer
 ``--inplane-spacing``/``--z-spacing`` make larger cases, so that the GPU plan's patch is a realistic one.
 Each tool trains two epochs and is timed on the second, after its warm-up; our one-off compilation
-time is printed separately. The tools alternate, and each of our runs is also divided by the
-nnU-Net run just before it (the machine's speed drifts).
+time is printed separately. The tools alternate, starting and ending with nnU-Net, and each of our
+runs is also divided by the mean of the two nnU-Net runs around it (the machine's speed drifts).
 """
 from __future__ import annotations
 
@@ -91,7 +91,8 @@ def main(argv=None) -> dict:
     p.add_argument("--cases", type=int, default=8)
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--workers", type=int, default=1, help="augmentation worker processes for both tools")
-    p.add_argument("--repeats", type=int, default=5, help="alternating runs of each tool (medians reported)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="runs of suprem_net, each between two of nnU-Net's (medians reported)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both tools train")
     p.add_argument("--inplane-spacing", type=float, nargs=2, default=SyntheticSpec.inplane_spacing,
                    help="range of the generated cases' in-plane spacing, mm")
@@ -127,11 +128,17 @@ def main(argv=None) -> dict:
     snippet = work / "nnunet_timed.py"
     snippet.write_text(NNUNET_SNIPPET)
     runs: dict[str, list[dict]] = {"suprem_net": [], "nnunet": []}
-    for r in range(args.repeats):  # alternate the tools so that drifting machine load hits both alike
+
+    def nnunet_run() -> None:
         nn = run_measured([str(nn_bin / "python"), str(snippet), str(nn_pp), ds.name, str(args.iterations),
                            args.device], env=env)
         res = json.loads(nn["output"].split("RESULT", 1)[1].strip().splitlines()[0])
         runs["nnunet"].append({**res, "peak_rss_bytes": nn["peak_rss_bytes"]})
+
+    # alternate the tools, starting and ending with nnU-Net, so that each of our runs sits between two of
+    # its runs and drifting machine load hits both alike
+    nnunet_run()
+    for r in range(args.repeats):
         results_dir = work / f"ours_results_{r}"
         ours = run_measured(["suprem_train", str(DATASET_ID), "0", "--raw", str(raw), "--preprocessed",
                              str(ours_pp), "--results", str(results_dir), "--epochs", "2", "--iterations-per-epoch",
@@ -139,6 +146,7 @@ def main(argv=None) -> dict:
                              "--num-workers", str(args.workers), "--device", args.device, "--no-progress-bar"])
         runs["suprem_net"].append({**_our_result(results_dir / ds.name / "suprem_plans" / "fold_0", args.iterations),
                                    "peak_rss_bytes": ours["peak_rss_bytes"]})
+        nnunet_run()
     med = {tool: {k: float(np.median([r[k] for r in rs])) for k in ("s_per_it", "data_wait", "peak_rss_bytes")}
            for tool, rs in runs.items()}
     our_res, nn_res = med["suprem_net"], med["nnunet"]
@@ -150,12 +158,13 @@ def main(argv=None) -> dict:
         print(f"{label:<12}{res['s_per_it']:>8.2f}{res['data_wait']:>17.1%}{res['peak_rss_bytes'] / 2**20:>14.0f}")
     warmup = float(np.median([r["warmup_s"] for r in runs["suprem_net"]]))
     print(f"suprem_net one-off warm-up (torch.compile) in its first epoch: {warmup:.0f} s")
-    print(f"ours / nnU-Net (medians of {args.repeats} alternating runs): time per iteration "
+    print(f"ours / nnU-Net (medians of {args.repeats} and {args.repeats + 1} alternating runs): time per iteration "
           f"{ratio(our_res['s_per_it'], nn_res['s_per_it'])}, peak memory "
           f"{ratio(our_res['peak_rss_bytes'], nn_res['peak_rss_bytes'])}")
-    # the machine's speed drifts over minutes; each run against the other tool's run just before it
-    paired = [o["s_per_it"] / n["s_per_it"] for o, n in zip(runs["suprem_net"], runs["nnunet"])]
-    print("time per iteration, each of our runs / the nnU-Net run just before it: "
+    # the machine's speed drifts over minutes; each of our runs against the mean of the two nnU-Net runs around it
+    nn_s = [n["s_per_it"] for n in runs["nnunet"]]
+    paired = [o["s_per_it"] / ((a + b) / 2) for o, a, b in zip(runs["suprem_net"], nn_s, nn_s[1:])]
+    print("time per iteration, each of our runs / the mean of the nnU-Net runs just before and after it: "
           + ", ".join(f"{r:.2f}x" for r in paired) + f" (median {np.median(paired):.2f}x)")
     if not args.out:
         shutil.rmtree(work, ignore_errors=True)
