@@ -9,8 +9,9 @@ Measured on 2 x86 cores (fp32; the convolutions take 80-90 % of a step, see docs
   reshapes to (1, N*C, ...) and so copies channels-last tensors back and forth, group norm does not;
 * **non-overlapping transposed convolutions as one matrix product** (kernel = stride, the U-Nets'
   upsampling): each input voxel times a (C_in, k*k*k*C_out) matrix, then the blocks moved into place,
-  which inductor fuses with the bias and the skip concatenation. oneDNN runs these layers at a
-  quarter of its convolution speed (stage 0 of the benchmark network: 16 ms -> 7 ms per step);
+  which inductor fuses with the bias and the skip concatenation. oneDNN runs these layers at
+  70-120 GFLOP/s against 200-300 for its convolutions (stage 0 of the benchmark network: 16 ms ->
+  7 ms per step, forward and backward);
 * **torch.compile** (inductor): fuses the norm, non-linearity and their backward passes around the
   convolutions. It costs one compilation at the start (about 30 s cold, seconds from the cache);
 * **freed memory kept for reuse** (glibc): by default glibc hands large freed blocks back to the
