@@ -63,7 +63,7 @@ class UpsamplingAsMatmul(nn.ConvTranspose3d):
         y = x.permute(0, 2, 3, 4, 1) @ self.weight.permute(0, 2, 3, 4, 1).reshape(c, -1)  # (n,d,h,w, kd*kh*kw*C_out)
         y = y.view(n, d, h, w, kd, kh, kw, -1).permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(n, d * kd, h * kh, w * kw, -1)
         if self.bias is not None:
-            y = y + self.bias
+            y = y + self.bias.to(y.dtype)  # under autocast y is bf16/fp16, as the convolution's output would be
         return y.permute(0, 4, 1, 2, 3)  # channels-last (N, C, D, H, W)
 
 

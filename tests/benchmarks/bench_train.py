@@ -158,7 +158,8 @@ def main(argv=None) -> dict:
         print(f"{label:<12}{res['s_per_it']:>8.2f}{res['data_wait']:>17.1%}{res['peak_rss_bytes'] / 2**20:>14.0f}")
     warmup = float(np.median([r["warmup_s"] for r in runs["suprem_net"]]))
     print(f"suprem_net one-off warm-up (torch.compile) in its first epoch: {warmup:.0f} s")
-    print(f"ours / nnU-Net (medians of {args.repeats} and {args.repeats + 1} alternating runs): time per iteration "
+    print(f"ours / nnU-Net (medians of our {args.repeats} and its {args.repeats + 1} alternating runs): "
+          f"time per iteration "
           f"{ratio(our_res['s_per_it'], nn_res['s_per_it'])}, peak memory "
           f"{ratio(our_res['peak_rss_bytes'], nn_res['peak_rss_bytes'])}")
     # the machine's speed drifts over minutes; each of our runs against the mean of the two nnU-Net runs around it
