@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from suprem_net.cli.plan_and_preprocess import main as plan_main
+from suprem_net.data.augmentation import ELASTIC_ALPHA, ELASTIC_SIGMA, AugmentationConfig, SpatialAugmentation
 from suprem_net.data.dataset import CaseStore
 from suprem_net.data.loader import close_loader, make_loader
-from suprem_net.data.augmentation import ELASTIC_ALPHA, ELASTIC_SIGMA, AugmentationConfig, SpatialAugmentation
 from suprem_net.data.sampler import forced_foreground
 from suprem_net.preprocessing.storage import open_array
 from suprem_net.synthetic import SyntheticSpec, write_raw_dataset

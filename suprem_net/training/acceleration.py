@@ -19,8 +19,8 @@ Measured on 2 x86 cores (fp32; the convolutions take 80-90 % of a step, see docs
   pages that the kernel zero-fills one fault at a time: 27,000-40,000 page faults per step of the
   benchmark network. Kept, a step has none and takes about 10 % less time.
 
-Together about 0.75x the time per iteration of the plain eager model on the CPU (see
-docs/benchmarks.md). Only compile is used on any device (unless switched off); the rest is
+Together 0.75-0.82x the time per step of the plain eager model on the CPU in two runs of
+``tests/benchmarks/train_step_levers.py`` (see docs/benchmarks.md). Only compile is used on any device (unless switched off); the rest is
 CPU-specific. On CUDA, cuDNN's autotuner is switched on instead (the patch shape never changes).
 """
 from __future__ import annotations
