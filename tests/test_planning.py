@@ -7,7 +7,7 @@ from suprem_net.planning.memory import measure_step
 from suprem_net.planning.planner import make_plan, target_spacing
 from suprem_net.planning.presets import load_preset, preset_names
 from suprem_net.planning.topology import nnunet_kwargs, pool_and_conv_props
-from tests.benchmarks.cuda_check import ct_fingerprint
+from suprem_net.synthetic import ct_fingerprint
 
 SPEC = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "spleen": 2},
         "file_ending": ".nii.gz", "numTraining": 4}

@@ -34,7 +34,7 @@ import torch
 from suprem_net.io.image import read_image
 from suprem_net.networks import build_network
 from suprem_net.planning.planner import make_plan
-from suprem_net.synthetic import SyntheticSpec, write_raw_dataset
+from suprem_net.synthetic import SyntheticSpec, ct_fingerprint, write_raw_dataset
 from suprem_net.training.multilabel_loss import make_loss
 from suprem_net.training.schedules import make_optimizer
 from suprem_net.training.trainer import parameter_groups
@@ -47,18 +47,6 @@ FAMILIES = {"nnunet": {"network": "nnunet"}, "resenc": {"network": "resenc"},
             "suprem_unet": {"preset": "suprem_unet"}, "suprem_swinunetr": {"preset": "suprem_swinunetr"},
             "suprem_segresnet": {"preset": "suprem_segresnet"}}
 DATASET_ID = 970  # apart from the other benchmarks' datasets
-
-
-def ct_fingerprint(n: int = 40) -> dict:
-    rng = np.random.default_rng(0)
-    cases = []
-    for i in range(n):
-        sp = [float(rng.uniform(2.0, 3.0)), float(rng.uniform(0.7, 0.9))]
-        sh = [int(rng.integers(150, 250)), 512, 512]
-        cases.append({"case_id": f"c{i}", "spacing": [sp[0], sp[1], sp[1]], "shape": sh, "shape_after_crop": sh})
-    return {"dataset": "Dataset970_CT", "num_cases": n, "cases": cases,
-            "foreground_intensity_properties_per_channel": {
-                "0": {"mean": 80.0, "std": 60.0, "percentile_00_5": -160.0, "percentile_99_5": 300.0}}}
 
 
 def _sync(device):
