@@ -25,9 +25,6 @@ FINGERPRINT_VERSION = 1
 def _analyze_case(args) -> dict:
     case, index, n_samples, allowed, labels = args[:5]
     n_bits = args[5] if len(args) > 5 else None  # bitmask (multi-label) datasets: number of classes
-    import torch
-
-    torch.set_num_threads(1)
     images, geos = zip(*(read_image(p, dtype=None) for p in case.images))
     label, _ = read_image(case.label, dtype=None)
     problems = voxel_problems(case.case_id, case.images, images, case.label, label, allowed, n_bits)
