@@ -32,9 +32,17 @@ ANISOTROPY_RATIO = 3.0
 ELASTIC_ALPHA, ELASTIC_SIGMA = (0.0, 200.0), (9.0, 13.0)
 
 
+def thin_axis(patch) -> int | None:
+    """The axis along which a patch is much thinner than along the others (more than
+    ``ANISOTROPY_RATIO``): the low-resolution axis of anisotropic data, or ``None``."""
+    p = np.asarray(patch, dtype=float)
+    axis = int(np.argmin(p))
+    return axis if np.delete(p, axis).max() / p[axis] > ANISOTROPY_RATIO else None
+
+
 @dataclass
 class AugmentationConfig:
-    rotation_deg: tuple[float, float, float] = (30.0, 30.0, 30.0)  # about z (in-plane), y, x
+    rotation_deg: tuple[float, float, float] = (30.0, 30.0, 30.0)  # about array axes 0, 1, 2
     scale: tuple[float, float] = (0.7, 1.4)
     elastic: bool = False
     mirror_axes: tuple[int, ...] = (0, 1, 2)
@@ -44,10 +52,12 @@ class AugmentationConfig:
 
     @classmethod
     def for_patch(cls, patch, elastic: bool = False) -> "AugmentationConfig":
-        """Full 3D rotation, or in-plane only when the patch is much thinner along z."""
+        """Full 3D rotation, or in-plane only (about the thin axis) when the patch is much thinner along
+        one axis (:func:`thin_axis`; whichever array axis that is in the plan's axis order)."""
         cfg = cls(elastic=elastic)
-        if max(patch[1:]) / patch[0] > ANISOTROPY_RATIO:
-            cfg.rotation_deg = (30.0, 0.0, 0.0)
+        axis = thin_axis(patch)
+        if axis is not None:
+            cfg.rotation_deg = tuple(30.0 if a == axis else 0.0 for a in range(3))
         return cfg
 
 
@@ -83,7 +93,7 @@ class SpatialAugmentation:
             coords = elastic_deform_coordinates(self._identity(), alpha, sigma)
         if any(cfg.rotation_deg) and np.random.uniform() < cfg.p_rotation:
             angles = []
-            for deg in cfg.rotation_deg:  # about z (the library's angle_x), y, x
+            for deg in cfg.rotation_deg:  # about array axes 0 (the library's angle_x), 1, 2
                 np.random.uniform()  # the library's per-axis draw (p_rot_per_axis = 1: always rotates)
                 angles.append(np.random.uniform(-math.radians(deg), math.radians(deg)))
             coords = rotate_coords_3d(self._identity() if coords is None else coords, *angles)
@@ -111,7 +121,8 @@ class SpatialAugmentation:
 
 def training_transforms(patch, cfg: AugmentationConfig) -> Compose:
     """Everything after the spatial step: intensity transforms and mirroring."""
-    ignore_axes = (0,) if max(patch[1:]) / patch[0] > ANISOTROPY_RATIO else None
+    axis = thin_axis(patch)
+    ignore_axes = (axis,) if axis is not None else None
     transforms = [
         GaussianNoiseTransform(p_per_sample=0.1),
         GaussianBlurTransform((0.5, 1.0), different_sigma_per_channel=True, p_per_sample=0.2, p_per_channel=0.5),

@@ -156,6 +156,7 @@ def convert_plans(plans: dict, dataset: dict, cfg: dict, name: str = "3d_fullres
         "labels": labels,
         "num_classes": len(labels),
         "orientation": None,
+        "axes": "zyx",  # nnU-Net's own convention: SimpleITK's order, then its transpose_forward
         "transpose_forward": tf,
         "transpose_backward": tb,
         "target_spacing": [float(s) for s in cfg["spacing"]],

@@ -57,6 +57,7 @@ def load_zero_shot(name: str) -> tuple[dict, list[nn.Module]]:
         "channel_names": {"0": "CT"},
         "num_classes": n + 1,
         "orientation": preset["orientation"],
+        "axes": "xyz",  # as the upstream pipeline holds the volume: RAS, NIfTI voxel order
         "target_spacing": preset["target_spacing"],
         "normalization": [preset["normalization"]],
         "resampling": {"image": "cubic", "labels": "linear_argmax", "anisotropy_threshold": 3.0},

@@ -18,15 +18,28 @@ from suprem_net.networks import family_module
 from suprem_net.planning.memory import measure_step
 from suprem_net.planning.presets import load_preset
 from suprem_net.planning.topology import nnunet_kwargs, pool_and_conv_props
+from suprem_net.preprocessing.orientation import network_axes
 
 log = logging.getLogger(__name__)
 
 ANISOTROPY_THRESHOLD = 3.0
+# the axis order of every new plan: NIfTI's voxel order, in which SuPreM's backbones saw their data
+# (one convention for every plan, pre-trained or not; docs/plans.md)
+PLAN_AXES = "xyz"
 GPU_INITIAL_VOLUME = 256 ** 3
 CPU_INITIAL_VOLUME = 128 ** 3
 MAX_DATASET_COVERED = 0.05
 SUPREM_DEFAULT_KWARGS = {"suprem_unet": {}, "swinunetr": {"feature_size": 48, "legacy_patch_merging": True},
                          "segresnet": {"init_filters": 16, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1]}}
+
+
+def fingerprint_in_axes(fp: dict, axes: str) -> dict:
+    """``fp`` with every case's spacing and shapes in axis order ``axes`` (a fingerprint is in
+    SimpleITK's (z, y, x) order)."""
+    if axes == "zyx":
+        return fp
+    keys = ("spacing", "shape", "shape_after_crop")
+    return {**fp, "cases": [{**c, **{k: list(c[k])[::-1] for k in keys if k in c}} for c in fp["cases"]]}
 
 
 def target_spacing(fp: dict) -> list[float]:
@@ -147,6 +160,7 @@ def make_plan(ds_spec: dict, fp: dict, *, plans_name: str, network: str | None =
               device: str = "cpu", gpu_memory_gb: float | None = None, cpu_seconds_per_iteration: float = 3.0,
               cpu_gflops: float = 60.0) -> dict:
     """Build the plans dict (see docs/plans.md)."""
+    fp = fingerprint_in_axes(fp, PLAN_AXES)
     pre = load_preset(preset) if preset else None
     family = network or (pre["network"]["family"] if pre else "nnunet")
     family_module(family)  # unknown family -> clear error
@@ -192,6 +206,7 @@ def make_plan(ds_spec: dict, fp: dict, *, plans_name: str, network: str | None =
         "num_classes": n_cls,
         "data_identifier": plans_name,
         "orientation": pre["orientation"] if pre else None,
+        "axes": PLAN_AXES,
         "target_spacing": spacing,
         "median_shape": median_shape,
         "normalization": normalization(ds_spec, fp, pre),
@@ -224,6 +239,8 @@ def plan_like(ds_spec: dict, fp: dict, source: dict, *, plans_name: str, source_
     multi_label = ds_spec.get("label_encoding") == "bitmask"
     n_cls = max(ds_spec["labels"].values()) + (0 if multi_label else 1)
     plan = {k: copy.deepcopy(source[k]) for k in INHERITED_FROM_SOURCE if k in source}
+    plan["axes"] = network_axes(source)  # written out: a source from before the field keeps its order
+    fp = fingerprint_in_axes(fp, plan["axes"])
     plan["training"].pop("loss", None)
     plan["resampling"]["labels"] = "linear_threshold" if multi_label else "linear_argmax"
     if multi_label:

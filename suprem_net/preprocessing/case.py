@@ -1,4 +1,5 @@
-"""One case through the plan's preprocessing: orient -> crop to nonzero -> normalise -> resample.
+"""One case through the plan's preprocessing: orient (and bring the axes into the order the network
+sees, see :mod:`suprem_net.preprocessing.orientation`) -> crop to nonzero -> normalise -> resample.
 
 The same code runs for training data (``suprem_plan_and_preprocess``) and at inference
 (``suprem_predict``); :func:`revert_labels` undoes the geometric steps exactly.
@@ -32,9 +33,8 @@ def preprocess_case(images: list[np.ndarray], geometry: Geometry, plan: dict, se
     """Return ``(data (C,Z,Y,X) float32, seg (Z,Y,X) or None, properties)`` for one case."""
     data = np.stack([np.asarray(im, dtype=np.float32) for im in images])
     spacing = list(geometry.spacing)
-    transform = None
-    if plan.get("orientation"):
-        transform = ori.orientation_transform(geometry.direction, plan["orientation"])
+    transform = ori.orientation_transform(geometry.direction, plan.get("orientation"), ori.network_axes(plan))
+    if transform is not None:
         data = ori.reorient(data, transform)
         seg = ori.reorient(seg, transform) if seg is not None else None
         spacing = ori.reorient_spacing(spacing, transform)
@@ -56,7 +56,8 @@ def preprocess_case(images: list[np.ndarray], geometry: Geometry, plan: dict, se
         seg = resample_labels(np.ascontiguousarray(seg), new_shape, z_axis, plan["num_classes"])
     props = {
         "geometry": geometry.to_dict(),
-        "orientation": transform,
+        "orientation": transform,  # orientation and axis order in one permutation with flips
+        "axes": ori.network_axes(plan),
         "oriented_shape": oriented_shape,
         "oriented_spacing": spacing,
         "bbox": bbox,

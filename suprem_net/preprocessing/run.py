@@ -29,8 +29,9 @@ _DATA_FIELDS = ("orientation", "target_spacing", "normalization", "resampling", 
 
 def plan_hash(plan: dict) -> str:
     fields = {k: plan[k] for k in _DATA_FIELDS}
-    if plan.get("label_encoding"):  # only when set, so that older plans keep their hash
-        fields["label_encoding"] = plan["label_encoding"]
+    for key in ("label_encoding", "axes"):  # only when set, so that older plans keep their hash
+        if plan.get(key):
+            fields[key] = plan[key]
     blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -61,9 +62,6 @@ def _is_done(props_path: Path, h: str) -> bool:
 def _preprocess_one(args) -> str:
     case, plan, out_dir, h = args[:4]
     annotated = args[4] if len(args) > 4 else None  # class numbers annotated in this case (partial labels)
-    import torch
-
-    torch.set_num_threads(1)
     images, geos = zip(*(read_image(p, dtype=np.float32) for p in case.images))
     label = read_image(case.label, dtype=None)[0] if case.label is not None else None
     multi_label = bitmask.is_bitmask(plan)

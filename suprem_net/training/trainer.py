@@ -21,6 +21,7 @@ from suprem_net.data.loader import close_loader, make_loader
 from suprem_net.errors import SupremError
 from suprem_net.io.atomic import read_json, write_json
 from suprem_net.networks import build_network
+from suprem_net.preprocessing.orientation import network_axes
 from suprem_net.training import checkpoint as ck
 from suprem_net.training.acceleration import compiled, is_compile_failure, prepare_for_training
 from suprem_net.training import distributed as dd
@@ -130,6 +131,12 @@ def load_pretrained_weights(model, plan: dict, name_or_path: str, labels: dict) 
         if differs:
             log.warning("the pre-trained model saw other inputs (%s); re-plan with: suprem_plan_and_preprocess "
                         "-d %s --like %s", "; ".join(differs), dataset, own_model_plan_path(report.path))
+    elif network_axes(plan) != "xyz":
+        log.warning("the plan %s feeds the network its volumes in (z, y, x) order, transposed from the (x, y, z) "
+                    "order the pre-trained backbone learned in (it was written before plans recorded their axis "
+                    "order); re-plan with: suprem_plan_and_preprocess -d %s%s --plans-name %s --replan",
+                    plan["plans_name"], dataset, f" --preset {plan['preset']}" if plan.get("preset") else "",
+                    plan["plans_name"])
     elif plan.get("preset") is None:
         log.warning("the plan %s has no preset, so its spacing, orientation and intensity window differ from what "
                     "the SuPreM backbone saw in pre-training; re-plan with: suprem_plan_and_preprocess -d %s "
@@ -138,8 +145,10 @@ def load_pretrained_weights(model, plan: dict, name_or_path: str, labels: dict) 
 
 
 def input_differences(source: dict, plan: dict) -> list[str]:
-    """What differs between the inputs two plans produce: orientation, spacing, normalisation."""
+    """What differs between the inputs two plans produce: orientation, axis order, spacing, normalisation."""
     out = []
+    if network_axes(source) != network_axes(plan):
+        out.append(f"axes {network_axes(source)} vs {network_axes(plan)}")
     for key in ("orientation", "target_spacing", "normalization"):
         a, b = source.get(key), plan.get(key)
         if key == "target_spacing" and a and b and np.allclose(a, b, rtol=1e-3):
