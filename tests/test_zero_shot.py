@@ -74,8 +74,20 @@ def test_cli_zero_shot_keeps_geometry(unet_model, tmp_path, monkeypatch, capsys)
     ct, _, geo = make_case(tiny_spec(fov_mm=(40.0, 60.0, 60.0)), 0)  # about 2 tiles at 1.5 mm
     write_image(tmp_path / "ct.nii.gz", ct, geo)
     out = tmp_path / "out"
+    from suprem_net.inference import predictor as predictor_module
+
+    windows = []
+
+    class Window(predictor_module.SlidingWindow):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            windows.append(self)
+
+    monkeypatch.setattr(predictor_module, "SlidingWindow", Window)
     assert predict_main(["-i", str(tmp_path / "ct.nii.gz"), "-o", str(out), "--pretrained", "suprem_unet",
-                         "--no-tta", "--device", "cpu", "--per-organ"]) == 0
+                         "--device", "cpu", "--per-organ"]) == 0
+    # as upstream: one pass, no mirroring, the volume in (x, y, z) order
+    assert [w.mirrors for w in windows] == [[()]]
     labels, g = read_image(out / "ct" / "combined_labels.nii.gz", dtype=None)
     assert g.mismatch(read_header(tmp_path / "ct.nii.gz")[0]) is None
     assert labels.max() <= 32

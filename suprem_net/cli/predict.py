@@ -41,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast precision of the network (default: fp16 on CUDA, fp32 elsewhere)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
-                   help="mirroring test-time augmentation over the 3 axes (default on; --no-tta is 8x faster)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="mirroring test-time augmentation over the 3 axes, 8 passes averaged (default on; off "
+                        "for --pretrained zero-shot, which predicts in one pass as SuPreM does)")
     p.add_argument("--step-size", type=float, default=0.5, help="tile step as a fraction of the patch (default 0.5)")
     p.add_argument("--tile-batch-size", type=int, default=None,
                    help="tiles per forward (default: the plan's batch size; 1 for batch-statistics networks)")
@@ -104,6 +105,8 @@ def main(argv=None) -> int:
     from suprem_net.inference.preview import write_preview
     from suprem_net.io.atomic import read_json
 
+    if args.tta is None:
+        args.tta = not args.pretrained
     inp, out = Path(args.input), Path(args.output)
     loaded, preprocess = None, None  # (plan, models) built here rather than from a model folder
     if args.nnunet_model:
