@@ -135,3 +135,44 @@ def test_merge_resume_train_and_predict_all_classes(raw, tmp_path, monkeypatch, 
     for row in stats:
         mask, _ = read_image(case / "segmentations" / f"{row['class']}.nii.gz", dtype=np.uint8)
         assert row["voxels"] == int(mask.sum())
+
+
+def _tiny_dataset(root: Path, name: str, labels: dict, segs: dict, **extra) -> Path:
+    from suprem_net.io.atomic import write_json
+    from suprem_net.io.image import Geometry, write_image
+
+    folder = root / name
+    geo = Geometry((3, 4, 5), (2.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    for case, seg in segs.items():
+        write_image(folder / "imagesTr" / f"{case}_0000.nii.gz", np.zeros(geo.shape, np.int16), geo)
+        write_image(folder / "labelsTr" / f"{case}.nii.gz", seg, geo)
+    write_json(folder / "dataset.json", {"channel_names": {"0": "CT"}, "labels": {"background": 0, **labels},
+                                         "numTraining": len(segs), "file_ending": ".nii.gz", **extra})
+    return folder
+
+
+def test_bitmask_sources_keep_overlaps_and_their_own_partial_labels(tmp_path):
+    from suprem_net.errors import InputError
+    from suprem_net.io.dataset import load_raw_dataset
+    from suprem_net.io.merge import plan_merge, run_merge
+
+    both = np.zeros((3, 4, 5), np.uint8)
+    both[0, :2], both[0, 1:3] = 1, 3  # voxels of row 1 carry classes a and b
+    x = _tiny_dataset(tmp_path, "Dataset001_X", {"a": 1, "b": 2}, {"x1": both, "x2": both & 1},
+                      label_encoding="bitmask", partial_labels={"x2": ["b"]})
+    y_seg = np.zeros((3, 4, 5), np.uint8)
+    y_seg[2] = 2
+    y = _tiny_dataset(tmp_path, "Dataset002_Y", {"c": 1, "b": 2}, {"y1": y_seg})
+    plan = plan_merge([load_raw_dataset(x), load_raw_dataset(y)], tmp_path / "Dataset003_M", "M")
+    assert plan.spec["labels"] == {"background": 0, "a": 1, "b": 2, "c": 3}
+    assert plan.spec["partial_labels"] == {"x1": ["c"], "x2": ["b", "c"], "y1": ["a"]}
+    out = run_merge(plan)
+    x1, _ = read_image(out / "labelsTr" / "x1.nii.gz", dtype=None)
+    assert np.array_equal(x1, both)  # bits a=1, b=2 keep their numbers and the overlap
+    y1, _ = read_image(out / "labelsTr" / "y1.nii.gz", dtype=None)
+    assert set(np.unique(y1)) == {0, 2} and np.array_equal(y1 == 2, y_seg == 2)  # Y's b (value 2) is bit 2
+
+    y_seg[0, 0, 0] = 7  # a value dataset.json does not know: the label is refused, not silently dropped
+    bad = _tiny_dataset(tmp_path, "Dataset004_Z", {"c": 1, "b": 2}, {"z1": y_seg})
+    with pytest.raises(InputError, match=r"label values \[7\] are not in dataset.json"):
+        run_merge(plan_merge([load_raw_dataset(x), load_raw_dataset(bad)], tmp_path / "Dataset005_N", "N"))
