@@ -50,15 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep only the largest connected component of every class (default: as postprocessing.json says)")
     p.add_argument("--output-layout", choices=["flat", "abdomenatlas"], default="flat",
                    help="flat (default): OUTPUT/CASE<ending>; abdomenatlas: OUTPUT/CASE/segmentations/<class>.nii.gz "
-                        "(binary) + OUTPUT/CASE/combined_labels.nii.gz, which suprem_convert_abdomenatlas reads back")
+                        "(binary) + OUTPUT/CASE/combined_labels.nii.gz (with the CT copied to CASE/ct.nii.gz, "
+                        "suprem_convert_abdomenatlas reads it back)")
     p.add_argument("--per-organ", dest="output_layout", action="store_const", const="abdomenatlas",
                    help="the same as --output-layout abdomenatlas")
     p.add_argument("--output-type", choices=["image", "dicom-seg"], default="image",
                    help="image (default): a label map in the input's format (NIfTI for DICOM input); dicom-seg: "
                         "OUTPUT/CASE.dcm, a DICOM Segmentation referencing the input DICOM series (DICOM input only)")
     p.add_argument("--statistics", action="store_true",
-                   help="also write per case CASE_statistics.json and .csv: volume (ml), intensity mean/std/median/"
-                        "p5/p95, connected components and world bounding box (mm) of every class")
+                   help="also write per case CASE_statistics.json and .csv (CASE/statistics.* in the abdomenatlas "
+                        "layout): volume (ml), intensity mean/std/median/p5/p95, connected components (26-connected) "
+                        "and world bounding box (mm) of every class")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write CASE.npz with float16 softmax probabilities (K, Z, Y, X) in the original geometry")
     p.add_argument("--preview", action="store_true", help="also write CASE.png with three views and a legend")

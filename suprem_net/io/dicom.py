@@ -183,6 +183,11 @@ def load_source(folder: str | Path, geometry: Geometry) -> DicomSource:
     headers = [read_header(f) for f in files]
     if len(headers) == 1 and is_multiframe(headers[0]):
         layout = multiframe_layout(headers[0], files[0])
+        shared = headers[0].get("SharedFunctionalGroupsSequence") or [Dataset()]
+        for group in ("PlaneOrientationSequence", "PixelMeasuresSequence"):
+            if group not in shared[0]:
+                raise InputError(files[0], f"{group} is given per frame, not shared by all frames: a derived "
+                                           "DICOM-SEG cannot copy it")
         diff = layout.geometry.mismatch(geometry)
         if diff:
             raise InputError(files[0], f"the frames do not lie on the grid the image was read with: {diff}")
