@@ -21,6 +21,7 @@ The table is documented in docs/predict.md.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,8 +126,6 @@ def write_dicom_seg(path: str | Path, seg: np.ndarray, source: DicomSource, clas
     """
     import highdicom as hd
 
-    from suprem_net import __version__
-
     frames = source.to_frames(np.asarray(seg))
     numbers = sorted(v for v in class_names if v > 0)
     if bitmask:
@@ -136,7 +135,31 @@ def write_dicom_seg(path: str | Path, seg: np.ndarray, source: DicomSource, clas
         if frames.size and int(frames.max()) > max(numbers, default=0):
             raise ValueError(f"label {int(frames.max())} has no class name")
         pixels = frames.astype(np.uint8 if max(numbers, default=0) < 256 else np.uint16, copy=False)
-    obj = hd.seg.Segmentation(
+    with _quiet("highdicom"):  # it logs every module it copies at INFO
+        obj = _segmentation(hd, source, pixels, class_names, description)
+    with atomic_path(path) as tmp:
+        obj.save_as(str(tmp))
+    logger.debug("%s: %d segment(s), %d frame(s), references %d instance(s) of series %s", path, len(numbers),
+                 int(obj.NumberOfFrames), len(source.datasets), source.datasets[0].SeriesInstanceUID)
+
+
+@contextmanager
+def _quiet(name: str):
+    """Raise logger ``name`` to WARNING for the block, unless suprem_net logs at DEBUG (``-v``)."""
+    other = logging.getLogger(name)
+    level = other.level
+    if not logger.isEnabledFor(logging.DEBUG):
+        other.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        other.setLevel(level)
+
+
+def _segmentation(hd, source: DicomSource, pixels: np.ndarray, class_names: dict[int, str], description: str):
+    from suprem_net import __version__
+
+    return hd.seg.Segmentation(
         source_images=list(source.datasets), pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segment_descriptions(class_names),
@@ -144,7 +167,3 @@ def write_dicom_seg(path: str | Path, seg: np.ndarray, source: DicomSource, clas
         manufacturer="suprem_net", manufacturer_model_name="suprem_net", software_versions=__version__,
         device_serial_number="none", content_label="SEGMENTATION", content_description=description[:64],
         series_description=description[:64])
-    with atomic_path(path) as tmp:
-        obj.save_as(str(tmp))
-    logger.debug("%s: %d segment(s), %d frame(s), references %d instance(s) of series %s", path, len(numbers),
-                 int(obj.NumberOfFrames), len(source.datasets), source.datasets[0].SeriesInstanceUID)
