@@ -88,6 +88,20 @@ def test_dicom_seg_refuses_non_dicom_input(model_dir, test_images, tmp_path, cap
     assert e.value.code == 2 and not out.exists()
 
 
+def test_dicom_seg_to_a_file_name(model_dir, test_images, tmp_path, capsys):
+    series = tmp_path / "series"
+    _oblique_series(test_images, series)
+    with pytest.raises(SystemExit) as e:
+        predict_main(["-i", str(series), "-o", str(tmp_path / "seg.nii.gz"), "-m", str(model_dir), *FAST,
+                      "--output-type", "dicom-seg"])
+    assert e.value.code == 2 and "give a folder or a .dcm file name" in capsys.readouterr().err
+    assert predict_main(["-i", str(series), "-o", str(tmp_path / "o" / "seg.dcm"), "-m", str(model_dir), *FAST,
+                         "--output-type", "dicom-seg", "--statistics"]) == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["seg.dcm", "seg_statistics.csv",
+                                                                  "seg_statistics.json"]
+    assert hd.seg.segread(tmp_path / "o" / "seg.dcm").Modality == "SEG"
+
+
 def test_abdomenatlas_layout_round_trips_through_the_converter(model_dir, test_images, tmp_path, capsys):
     atlas_in = tmp_path / "atlas_in"
     for i, name in enumerate(("BDMAP_00000001", "BDMAP_00000002")):

@@ -143,6 +143,8 @@ def main(argv=None) -> int:
 
         require_dicom(cases, "--output-type dicom-seg must reference the source DICOM series")
     endings = (".dcm",) if dicom_seg else IMAGE_ENDINGS
+    if dicom_seg and any(out.name.endswith(e) for e in IMAGE_ENDINGS):
+        raise SupremError(f"{out}: --output-type dicom-seg writes DICOM; give a folder or a .dcm file name")
     out_is_file = any(out.name.endswith(e) for e in endings) and not args.per_organ
     if out_is_file and out.is_dir():
         raise SupremError(f"{out}: is a folder; give an output file name or a folder without an image ending")
