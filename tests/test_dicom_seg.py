@@ -161,6 +161,12 @@ def test_seg_of_a_jpeg2000_multiframe_with_frames_out_of_order(tmp_path):
         src = header.PerFrameFunctionalGroupsSequence[frame - 1].PlanePositionSequence[0].ImagePositionPatient
         assert np.allclose(p, [float(v) for v in src], atol=1e-4)
 
+    second = pydicom.dcmread(folder / "ct.dcm")  # a second multi-frame instance of the same series
+    second.SOPInstanceUID = hd.UID()
+    second.save_as(folder / "ct2.dcm")
+    with pytest.raises(InputError, match="a series of 2 multi-frame files"):
+        read_case(case)
+
 
 def test_overlapping_classes_become_separate_segments(tmp_path):
     geo = Geometry((4, 8, 9), (3.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))

@@ -144,7 +144,10 @@ def read_dicom(folder: Path) -> tuple[np.ndarray, Geometry]:
     from suprem_net.io import dicom
 
     files = dicom.series_files(folder)
-    if len(files) == 1 and dicom.is_multiframe(dicom.read_header(files[0])):
+    if dicom.is_multiframe(dicom.read_header(files[0])):
+        if len(files) > 1:
+            raise InputError(folder, f"a series of {len(files)} multi-frame files; one multi-frame image per "
+                                     "folder is supported")
         return dicom.read_multiframe(Path(files[0]))
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
