@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 ENCODER_PREFIXES = {
     "nnunet": ("encoder.",), "resenc": ("encoder.",), "suprem_unet": ("down_tr",),
     "swinunetr": ("swinViT.", "encoder"), "segresnet": ("convInit", "down_layers"),
+    "unimiss_tiny": ("transformer.",), "unimiss_small": ("transformer.",),  # the pre-trained decoder is not "encoder"
 }
 MAX_NONFINITE = 5
 OVERRIDABLE = ("epochs", "iterations_per_epoch", "lr", "num_val_iterations")
