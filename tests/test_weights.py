@@ -260,8 +260,9 @@ def test_med3d_layout(weights_dir):
 
 
 @pytest.mark.parametrize("name", ["unimiss_tiny", "unimiss_small"])
-def test_foreign_architectures_refused(unet, name):
-    with pytest.raises(SupremError, match="not yet supported"):
+def test_other_architecture_refused(unet, weights_dir, name):
+    (weights_dir / REGISTRY[name].file).write_bytes(b"")  # refused before it is read
+    with pytest.raises(SupremError, match=f"are for a {name} network, not suprem_unet"):
         load_pretrained(unet, name)
 
 
@@ -359,7 +360,7 @@ def test_cli_list_info_and_errors(weights_dir, capsys):
     out = capsys.readouterr().out
     for name in REGISTRY:
         assert name in out
-    assert "not yet supported" in out and "present" in out
+    assert "present" in out and "not yet supported" not in out
     assert weights_main(["info", "suprem_swinunetr"]) == 0
     assert "supervised_suprem_swinunetr_2100.pth" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
