@@ -231,9 +231,14 @@ def test_plan_and_finetune_end_to_end(tiny_raw, tmp_path, monkeypatch, caplog):
     assert train_main(["901", "0", "--pretrained", "unimiss_tiny", "--raw", str(raw), "--preprocessed", str(pp),
                        "--results", str(results), "--epochs", "1", "--iterations-per-epoch", "2",
                        "--val-iterations", "1", "--batch-size", "2", "--num-workers", "0",
-                       "--skip-final-validation", "--no-progress-bar", "--no-compile"]) == 0
+                       "--no-progress-bar", "--no-compile"]) == 0
     assert "loaded 146 (expected 146) (7 resized to the network)" in caplog.text
-    ckpt = torch.load(results / tiny_raw.name / "suprem_plans" / "fold_0" / "checkpoint_final.pth", weights_only=True)
+    assert "re-plan with" not in caplog.text  # UniMiSS fine-tunes on the dataset's own plan (no preset)
+    fold = results / tiny_raw.name / "suprem_plans" / "fold_0"
+    summary = json.loads((fold / "validation" / "summary.json").read_text())  # sliding-window prediction ran
+    assert summary["cases"] and all((fold / "validation" / f"{c['case_id']}.nii.gz").is_file()
+                                    for c in summary["cases"])
+    ckpt = torch.load(fold / "checkpoint_final.pth", weights_only=True)
     trained = ckpt["network_weights"]["transformer.block2.0.attn.q.weight"]
     source = student["module.backbone.transformer.block2.0.attn.q.weight"]
     assert torch.allclose(trained, source, atol=1e-2) and not torch.equal(trained, source)  # two small AdamW steps
