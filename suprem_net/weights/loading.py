@@ -1,7 +1,7 @@
 """Find, read (safely) and load a pre-trained checkpoint into one of our networks, never silently.
 
-* :func:`resolve_checkpoint`: a registry name -> ``$SUPREM_weights/<file>`` or
-  ``./pretrained_weights/<file>``; a path -> itself.
+* :func:`resolve_checkpoint`: a registry name -> ``<weights cache>/<file>`` (see
+  :mod:`suprem_net.weights.cache`); a path -> itself.
 * :func:`read_state_dict`: ``torch.load(weights_only=True)`` only (``argparse.Namespace`` is the one
   class allowed, for the read of a file that stores one); unwraps ``net`` / ``state_dict`` / ``model``
   / ``network_weights`` / ``student``.
@@ -24,14 +24,13 @@ import torch.nn as nn
 
 from suprem_net.errors import SupremError
 from suprem_net.weights.adapters import ADAPTERS, infer_adapter
+from suprem_net.weights.cache import local_path
 from suprem_net.weights.heads import own_model_labels, own_model_plan, transfer_head, transfer_own_head
 from suprem_net.weights.layout import entry_for_layout
 from suprem_net.weights.registry import REGISTRY, CheckpointEntry, entry_for_file, get_entry, head_classes_for
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_ENV = "SUPREM_weights"
-DEFAULT_WEIGHTS_DIR = "pretrained_weights"
 WRAPPER_KEYS = ("net", "state_dict", "model", "network_weights", "student")  # student: DINO (UniMiSS)
 # the one class a checkpoint may hold besides tensors and containers: UniMiSS files keep their training
 # arguments as an argparse.Namespace of plain values; it is allowed only for the read of such a file
@@ -72,16 +71,6 @@ class LoadReport:
         return s + (f"; {self.head_note}" if self.head_note else "")
 
 
-def weights_dir() -> Path:
-    """Where registry files are looked for: ``$SUPREM_weights``, else ``./pretrained_weights``."""
-    env = os.environ.get(WEIGHTS_ENV)
-    return Path(env) if env else Path.cwd() / DEFAULT_WEIGHTS_DIR
-
-
-def local_path(entry: CheckpointEntry) -> Path:
-    return weights_dir() / entry.file
-
-
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     """A registry name -> the local file (must exist); otherwise an existing file path."""
     text = str(name_or_path)
@@ -89,8 +78,9 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     if entry is not None:
         path = local_path(entry)
         if not path.is_file():
-            raise SupremError(f"pretrained weights {entry.name!r} not found: expected {path} "
-                              f"(download {entry.url} and save it as {path}; set {WEIGHTS_ENV} to use another folder)")
+            raise SupremError(f"pretrained weights {entry.name!r} not found at {path}; get them with: "
+                              f"suprem_weights download {entry.name}   (without internet: fetch {entry.url} "
+                              f"elsewhere, then: suprem_weights import FILE --name {entry.name})")
         return path
     path = Path(text).expanduser()
     if path.is_file():
