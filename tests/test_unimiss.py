@@ -209,6 +209,31 @@ def test_only_namespace_is_allowed(tmp_path):
 # ---------------------------------------------------------------- plan and fine-tune
 
 
+def test_planner_shrinks_each_axis_by_its_divisor(variant="tiny"):
+    from suprem_net.planning.planner import make_plan
+
+    spec = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1}, "file_ending": ".nii.gz"}
+    fp = {"dataset": "Dataset999_T", "num_cases": 4,
+          "cases": [{"case_id": f"c{i}", "spacing": [2.5, 0.8, 0.8], "shape": [120, 400, 400],
+                     "shape_after_crop": [120, 400, 400]} for i in range(4)],
+          "foreground_intensity_properties_per_channel": {
+              "0": {"mean": 80.0, "std": 40.0, "percentile_00_5": -50.0, "percentile_99_5": 250.0}}}
+    plans = {budget: make_plan(spec, fp, plans_name="p", network=f"unimiss_{variant}", device="cpu",
+                               cpu_seconds_per_iteration=budget) for budget in (3.0, 0.3)}
+    for plan in plans.values():
+        patch = plan["patch_size"]
+        assert [p % d for p, d in zip(patch, (16, 32, 32))] == [0, 0, 0] and min(patch) >= 32
+        assert plan["network"] == {"family": f"unimiss_{variant}", "kwargs": {"img_size": patch},
+                                   "deep_supervision": True}
+        m = plan["memory"]
+        assert m["flops_per_iteration"] <= m["flops_budget"] or patch in ([32, 64, 64], [32, 32, 64])
+        with torch.device("meta"):
+            net = build_network(plan["network"], 1, plan["num_classes"])
+        assert m["parameters"] == sum(p.numel() for p in net.parameters())
+    assert np.prod(plans[0.3]["patch_size"]) < np.prod(plans[3.0]["patch_size"])
+
+
+
 def test_plan_and_finetune_end_to_end(tiny_raw, tmp_path, monkeypatch, caplog):
     weights = tmp_path / "weights"
     weights.mkdir()
