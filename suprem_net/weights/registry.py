@@ -76,6 +76,26 @@ class CheckpointEntry:
 
 _DBX = "https://www.dropbox.com/scl/fi/"
 
+
+def _unimiss(variant: str, params: str, dropbox: str, rlkey: str, counts: tuple[int, int, int, int, int],
+             **known) -> CheckpointEntry:
+    """A UniMiSS row; ``counts``: tensors loaded, in the student, of the encoder, of the transformer
+    decoder, of the 2D branch (the cls-token layers, 13, and the DINO head, 8, are the same in both)."""
+    loaded, student, encoder, decoder, two_d = counts
+    file = f"self_supervised_unimiss_nnunet_{variant}_5022.pth"
+    return CheckpointEntry(
+        name=f"unimiss_{variant}", title=f"UniMiSS ({variant})", family=f"unimiss_{variant}", kwargs=UNIMISS_KWARGS,
+        params=f"{params} ({variant}; at 48x192x192 with 14 classes, the count grows with the patch)",
+        data="5022 CT&MRI", file=file, url=HF_BASE + file, mirror_url=f"{_DBX}{dropbox}/{file}?rlkey={rlkey}&dl=0",
+        adapter="unimiss", expected_tensors=loaded, head="pretext", source="YtongXie/UniMiSS-code",
+        allow_namespace=True,
+        notes=f"UniMiSS DINO training checkpoint (student, teacher, optimizer, args as an argparse.Namespace, epoch, "
+              f"loss): the student's 3D branch loads ({loaded} of {student} tensors: encoder {encoder}, transformer "
+              f"decoder {decoder}, '3D' removed from the names, positional embeddings resampled to the plan's "
+              f"patch); the 2D branch ({two_d}), the cls-token layers (13) and the DINO head (8) are dropped. "
+              "backbone_params: without the five 1x1 heads, at 48x192x192.",
+        **known)
+
 _ENTRIES: tuple[CheckpointEntry, ...] = (
     # ---- Swin UNETR ----
     CheckpointEntry(
@@ -131,41 +151,16 @@ _ENTRIES: tuple[CheckpointEntry, ...] = (
         notes="checkpoint['state_dict'] with module.<UNet3D key>; the 1-channel restoration head "
               "out_tr.final_conv is dropped.",
     ),
-    CheckpointEntry(
-        name="unimiss_tiny", title="UniMiSS (tiny)", family="unimiss_tiny", kwargs=UNIMISS_KWARGS,
-        params="22.95M (tiny; at 48x192x192 with 14 classes, the count grows with the patch)", data="5022 CT&MRI",
-        file="self_supervised_unimiss_nnunet_tiny_5022.pth", url=HF_BASE + "self_supervised_unimiss_nnunet_tiny_5022.pth",
-        mirror_url=_DBX + "joxv6gwhizcg5pmgxtoy7/self_supervised_unimiss_nnunet_tiny_5022.pth"
-                          "?rlkey=kj2wzl6t5fxfkxuwl18r1jfer&dl=0",
-        adapter="unimiss", expected_tensors=146, backbone_params=22_947_296, head="pretext",
-        source="YtongXie/UniMiSS-code", allow_namespace=True,
-        size=672_755_586, sha256="c6097192cde5c01b2d79f68f1403aa0c077d10335e010b92b37ccccc3f28a1a1",
-        checksum_note="unverified: size and SHA-256 of the same-named file in the third-party mirror "
-                      "jethro682/pretrain_mri (whose copies of other SuPreM files carry SuPreM's hashes)",
-        notes="UniMiSS DINO training checkpoint (student, teacher, optimizer, args as an argparse.Namespace, epoch, "
-              "loss): the student's 3D branch loads (146 of 207 tensors: encoder 87, transformer decoder 59, "
-              "'3D' removed from the names, positional embeddings resampled to the plan's patch); the 2D branch "
-              "(40), the cls-token layers (13) and the DINO head (8) are dropped. backbone_params: without the "
-              "five 1x1 heads, at 48x192x192.",
-    ),
-    CheckpointEntry(
-        name="unimiss_small", title="UniMiSS (small)", family="unimiss_small", kwargs=UNIMISS_KWARGS,
-        params="43.64M (small; at 48x192x192 with 14 classes, the count grows with the patch)", data="5022 CT&MRI",
-        file="self_supervised_unimiss_nnunet_small_5022.pth",
-        url=HF_BASE + "self_supervised_unimiss_nnunet_small_5022.pth",
-        mirror_url=_DBX + "mej5qfc5w6dmtsgn7hsbs/self_supervised_unimiss_nnunet_small_5022.pth"
-                          "?rlkey=k0hzktopzh8ih20aou241r9rb&dl=0",
-        adapter="unimiss", expected_tensors=394, backbone_params=43_637_568, head="pretext",
-        source="YtongXie/UniMiSS-code", allow_namespace=True,
-        size=1_050_159_114, sha256="a3b97d8e5db01a4b7fa84a6107d859dcec15897997d33e719e02f01c815aa640",
-        checksum_note="from the Git-LFS pointer of MrGiovanni/SuPreM commit 1620408 (the host's own record; the "
-                      "file itself was not hashed here)",
-        notes="UniMiSS DINO training checkpoint (student, teacher, optimizer, args as an argparse.Namespace, epoch, "
-              "loss): the student's 3D branch loads (394 of 481 tensors: encoder 223, transformer decoder 171, "
-              "'3D' removed from the names, positional embeddings resampled to the plan's patch); the 2D branch "
-              "(66), the cls-token layers (13) and the DINO head (8) are dropped. backbone_params: without the "
-              "five 1x1 heads, at 48x192x192.",
-    ),
+    _unimiss("tiny", params="22.95M", dropbox="joxv6gwhizcg5pmgxtoy7", rlkey="kj2wzl6t5fxfkxuwl18r1jfer",
+             counts=(146, 207, 87, 59, 40), backbone_params=22_947_296, size=672_755_586,
+             sha256="c6097192cde5c01b2d79f68f1403aa0c077d10335e010b92b37ccccc3f28a1a1",
+             checksum_note="unverified: size and SHA-256 of the same-named file in the third-party mirror "
+                           "jethro682/pretrain_mri (whose copies of other SuPreM files carry SuPreM's hashes)"),
+    _unimiss("small", params="43.64M", dropbox="mej5qfc5w6dmtsgn7hsbs", rlkey="k0hzktopzh8ih20aou241r9rb",
+             counts=(394, 481, 223, 171, 66), backbone_params=43_637_568, size=1_050_159_114,
+             sha256="a3b97d8e5db01a4b7fa84a6107d859dcec15897997d33e719e02f01c815aa640",
+             checksum_note="from the Git-LFS pointer of MrGiovanni/SuPreM commit 1620408 (the host's own record; "
+                           "the file itself was not hashed here)"),
     CheckpointEntry(
         name="med3d", title="Med3D", family="med3d", kwargs=MED3D_KWARGS, params="85.75M", data="1638 CT",
         file="supervised_med3D_residual_unet_1623.pth",
