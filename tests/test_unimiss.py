@@ -144,7 +144,7 @@ def test_published_layout_loads(published, tmp_path, monkeypatch):
     max_diff = 0.0
     for model_key, file_key in loaded.items():
         file_t = student[file_key]
-        if "pos_embed" in model_key or "PosEmbed" in model_key:  # cls row kept for pos_embed1..3, dropped for the others
+        if "pos_embed" in model_key or "PosEmbed" in model_key:  # cls row kept for pos_embed1..3, else dropped
             keep_cls = re.fullmatch(r"transformer\.pos_embed[123]", model_key) is not None
             ref = zoomed(file_t if keep_cls else file_t[:, 1:], state[model_key].shape[1])
             assert report.fitted[model_key] == (tuple(file_t.shape[:1]) + (file_t.shape[1] - (not keep_cls),)

@@ -118,7 +118,8 @@ def _serve(server: Server, monkeypatch, name: str, data: bytes, *, sha: bool = T
 
 
 def _payload(n: int = 3_000_001, seed: int = 0) -> bytes:
-    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)).numpy().tobytes()
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen).numpy().tobytes()
 
 
 def _nothing_partial(cache: Path, entry) -> bool:

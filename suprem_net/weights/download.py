@@ -3,9 +3,10 @@
 The transfer uses ``requests`` with ``urllib3``'s ``Retry`` (connection errors and HTTP 429/5xx are
 retried with exponential back-off); on top of it this module resumes a body that breaks off, with an
 HTTP ``Range`` request from the bytes already on disk (``<cache>/.partial/<file>.part``, which also
-survives an interrupted run). When the entry's URL fails, its mirror is tried. The SHA-256 is computed while the bytes arrive; the file is checked
-(:func:`suprem_net.weights.cache.check_file`) before it is renamed to its published name, and a file
-that fails the check is deleted. Every failure is one ``SupremError`` line naming the URL.
+survives an interrupted run). When the entry's URL fails, its mirror is tried. The SHA-256 is
+computed while the bytes arrive; the file is checked (:func:`suprem_net.weights.cache.check_file`)
+before it is renamed to its published name, and a file that fails the check is deleted. Every
+failure is one ``SupremError`` line naming the URL.
 """
 from __future__ import annotations
 
