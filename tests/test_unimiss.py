@@ -48,10 +48,11 @@ def key_rows(variant: str) -> tuple[list[tuple[str, tuple, str]], dict[str, tupl
 
 def published_checkpoint(variant: str, path: Path, seed: int = 0) -> OrderedDict:
     """Write a checkpoint in the published layout: ``student`` (every key and shape of the key list,
-    random values), ``teacher`` (the same keys without ``module.``), ``optimizer`` (AdamW state for
-    every student tensor but ``weight_g``), ``epoch``, ``args`` (an ``argparse.Namespace``) and
-    ``loss`` (``center``). Teacher and optimizer state share the student's storages, and the DINO
-    head's large tensors are broadcast views of one row (exact shapes, small file). Returns the student."""
+    random values), ``teacher`` (the same keys without ``module.``, other values), ``optimizer``
+    (AdamW state for every student tensor but ``weight_g``), ``epoch``, ``args`` (an
+    ``argparse.Namespace``) and ``loss`` (``center``). To keep the file small, the teacher's tensors
+    are broadcast views of one value, the optimizer state shares the student's storages and the DINO
+    head's large tensors are broadcast views of one row: exact shapes throughout. Returns the student."""
     gen = torch.Generator().manual_seed(seed)
     student = OrderedDict()
     for key, shape, _ in key_rows(variant)[0]:
@@ -59,7 +60,9 @@ def published_checkpoint(variant: str, path: Path, seed: int = 0) -> OrderedDict
             student[key] = torch.randn((1, shape[1]), generator=gen).expand(shape)
         else:
             student[key] = torch.randn(shape, generator=gen)
-    teacher = OrderedDict((k[len("module."):], v) for k, v in student.items())
+    # the EMA teacher: the same keys without "module.", other values (broadcast views, no storage)
+    teacher = OrderedDict((k[len("module."):], torch.full((1,) * v.dim(), 0.5).expand(v.shape))
+                          for k, v in student.items())
     trainable = [k for k in student if not k.endswith("weight_g")]
     optimizer = {"state": {i: {"step": torch.tensor(200.0), "exp_avg": student[k], "exp_avg_sq": student[k]}
                            for i, k in enumerate(trainable)},
