@@ -23,12 +23,14 @@ from suprem_net.weights.download import direct_url, download
 
 class Server:
     """Serves ``files`` (path -> bytes); ``status`` (path -> list of HTTP codes to answer first);
-    ``cut`` (path -> how many full responses to break off half-way). Logs (path, Range header)."""
+    ``cut`` (path -> how many full responses to break off half-way); ``redirect`` (path -> where a
+    302 points). Logs (path, Range header)."""
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.status: dict[str, list[int]] = {}
         self.cut: dict[str, int] = {}
+        self.redirect: dict[str, str] = {}
         self.requests: list[tuple[str, str | None]] = []
         server = self
 
@@ -51,6 +53,12 @@ class Server:
     def handle(self, h: BaseHTTPRequestHandler) -> None:
         path, rng = h.path.split("?")[0], h.headers.get("Range")
         self.requests.append((path, rng))
+        if path in self.redirect:  # as Hugging Face's resolve/ URLs answer
+            h.send_response(302)
+            h.send_header("Location", self.redirect[path])
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
         if self.status.get(path):
             code = self.status[path].pop(0)
             h.send_response(code)
@@ -234,9 +242,10 @@ def test_retries_with_backoff_and_mirror(server, cache, monkeypatch):
     assert [r for r in server.requests] == [("/suprem_unet.pth", None)] * 3
     (cache / entry.file).unlink()
     server.requests.clear()
-    mirrored = dataclasses.replace(entry, url=server.url("/gone.pth"), mirror_url=entry.url)
+    mirrored = dataclasses.replace(entry, url=server.url("/gone.pth"), mirror_url=server.url("/resolve.pth"))
+    server.redirect["/resolve.pth"] = entry.url
     assert download(mirrored, retries=0, backoff=0.0, progress=False).read_bytes() == data
-    assert [p for p, _ in server.requests] == ["/gone.pth", "/suprem_unet.pth"]
+    assert [p for p, _ in server.requests] == ["/gone.pth", "/resolve.pth", "/suprem_unet.pth"]
 
 
 def test_unreachable_host(cache, monkeypatch, capsys):
