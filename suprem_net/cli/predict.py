@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--pretrained", choices=["suprem_swinunetr", "suprem_unet", "universal_swinunetr",
                                               "universal_unet"],
                      help="zero-shot prediction of the 32 AbdomenAtlas/Universal-Model classes with the head stored "
-                          "in a pre-trained checkpoint ($SUPREM_weights or ./pretrained_weights; see "
+                          "in a pre-trained checkpoint (from the weights cache: suprem_weights download NAME; see "
                           "docs/pretrained.md); uses the backbone's preset preprocessing")
     p.add_argument("--plans", default="suprem_plans", help="plans name with -d (default suprem_plans)")
     p.add_argument("--results", help="results folder with -d (default: $SUPREM_results, else ./suprem_data/results)")
