@@ -69,7 +69,8 @@ def write_model_dir(raw_root, pp_root, results_root, network: dict, patch, datas
 
 
 def write_dicom_series(folder, arr, series_uid: str, geo=None) -> None:
-    """One CT file per slice with the usual tags (SimpleITK's 'DICOM series from array' example).
+    """One CT file per slice with the usual tags (SimpleITK's 'DICOM series from array' example),
+    a Frame of Reference and a slice thickness included, as a scanner writes them.
     GDCM's writer leaves the process in the "C" locale; the locale is put back."""
     import locale
 
@@ -85,7 +86,9 @@ def write_dicom_series(folder, arr, series_uid: str, geo=None) -> None:
     d = img.GetDirection()
     common = [("0008|0060", "CT"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"), ("0020|000e", series_uid),
               ("0020|0037", "\\".join(map(str, (d[0], d[3], d[6], d[1], d[4], d[7])))),
-              ("0008|103e", "synthetic"), ("0028|1053", "1"), ("0028|1052", "0")]
+              ("0008|103e", "synthetic"), ("0028|1053", "1"), ("0028|1052", "0"),
+              ("0020|0052", "1.2.826.0.1.3680043.2.1125.4"), ("0018|0050", str(geo.spacing[0])),
+              ("0010|0020", "SYNTH"), ("0020|0011", "1")]
     saved = locale.setlocale(locale.LC_ALL)
     try:
         writer = sitk.ImageFileWriter()

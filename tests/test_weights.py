@@ -3,6 +3,7 @@ loads through the public API with exact tensor counts; unsafe, missing and misma
 reported, never loaded silently."""
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 
 import pytest
@@ -260,8 +261,9 @@ def test_med3d_layout(weights_dir):
 
 
 @pytest.mark.parametrize("name", ["unimiss_tiny", "unimiss_small"])
-def test_foreign_architectures_refused(unet, name):
-    with pytest.raises(SupremError, match="not yet supported"):
+def test_other_architecture_refused(unet, weights_dir, name):
+    (weights_dir / REGISTRY[name].file).write_bytes(b"")  # refused before it is read
+    with pytest.raises(SupremError, match=f"are for a {name} network, not suprem_unet"):
         load_pretrained(unet, name)
 
 
@@ -274,14 +276,24 @@ def test_missing_file_message(weights_dir):
     msg = str(err.value)
     assert str(weights_dir / "supervised_suprem_unet_2100.pth") in msg
     assert "https://huggingface.co/MrGiovanni/SuPreM/resolve/main/supervised_suprem_unet_2100.pth" in msg
+    assert "suprem_weights download suprem_unet" in msg
     assert "\n" not in msg
 
 
-def test_default_folder(tmp_path, monkeypatch):
+def test_default_folder_is_the_user_cache(tmp_path, monkeypatch):
+    from suprem_net.weights.cache import weights_dir as cache_folder
+
     monkeypatch.delenv("SUPREM_weights", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # Linux; HOME elsewhere
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "pretrained_weights").mkdir()
-    target = tmp_path / "pretrained_weights" / "supervised_suprem_segresnet_2100.pth"
+    (tmp_path / "pretrained_weights").mkdir()  # the old default, under the current directory: not used
+    (tmp_path / "pretrained_weights" / "supervised_suprem_segresnet_2100.pth").write_bytes(b"")
+    target = cache_folder() / "supervised_suprem_segresnet_2100.pth"
+    assert target.parts[-3:-1] == ("suprem_net", "weights") and "pretrained_weights" not in str(target)
+    with pytest.raises(SupremError, match="not found at " + re.escape(str(target))):
+        resolve_checkpoint("suprem_segresnet")
+    target.parent.mkdir(parents=True)
     target.write_bytes(b"")
     assert resolve_checkpoint("suprem_segresnet") == target
 
@@ -359,7 +371,7 @@ def test_cli_list_info_and_errors(weights_dir, capsys):
     out = capsys.readouterr().out
     for name in REGISTRY:
         assert name in out
-    assert "not yet supported" in out and "present" in out
+    assert "present" in out and "not yet supported" not in out
     assert weights_main(["info", "suprem_swinunetr"]) == 0
     assert "supervised_suprem_swinunetr_2100.pth" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--pretrained", choices=["suprem_swinunetr", "suprem_unet", "universal_swinunetr",
                                               "universal_unet"],
                      help="zero-shot prediction of the 32 AbdomenAtlas/Universal-Model classes with the head stored "
-                          "in a pre-trained checkpoint ($SUPREM_weights or ./pretrained_weights; see "
+                          "in a pre-trained checkpoint (from the weights cache: suprem_weights download NAME; see "
                           "docs/pretrained.md); uses the backbone's preset preprocessing")
     p.add_argument("--plans", default="suprem_plans", help="plans name with -d (default suprem_plans)")
     p.add_argument("--results", help="results folder with -d (default: $SUPREM_results, else ./suprem_data/results)")
@@ -49,8 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiles per forward (default: the plan's batch size; 1 for batch-statistics networks)")
     p.add_argument("--lcc", action="store_true",
                    help="keep only the largest connected component of every class (default: as postprocessing.json says)")
-    p.add_argument("--per-organ", action="store_true",
-                   help="AbdomenAtlas layout: OUTPUT/CASE/segmentations/<class>.nii.gz + combined_labels.nii.gz")
+    p.add_argument("--output-layout", choices=["flat", "abdomenatlas"], default="flat",
+                   help="flat (default): OUTPUT/CASE<ending>; abdomenatlas: OUTPUT/CASE/segmentations/<class>.nii.gz "
+                        "(binary) + OUTPUT/CASE/combined_labels.nii.gz (with the CT copied to CASE/ct.nii.gz, "
+                        "suprem_convert_abdomenatlas reads it back)")
+    p.add_argument("--per-organ", dest="output_layout", action="store_const", const="abdomenatlas",
+                   help="the same as --output-layout abdomenatlas")
+    p.add_argument("--output-type", choices=["image", "dicom-seg"], default="image",
+                   help="image (default): a label map in the input's format (NIfTI for DICOM input); dicom-seg: "
+                        "OUTPUT/CASE.dcm, a DICOM Segmentation referencing the input DICOM series (DICOM input only)")
+    p.add_argument("--statistics", action="store_true",
+                   help="also write per case CASE_statistics.json and .csv (CASE/statistics.* in the abdomenatlas "
+                        "layout): volume (ml), intensity mean/std/median/p5/p95, connected components (26-connected) "
+                        "and world bounding box (mm) of every class")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write CASE.npz with float16 softmax probabilities (K, Z, Y, X) in the original geometry")
     p.add_argument("--preview", action="store_true", help="also write CASE.png with three views and a legend")
@@ -92,6 +103,11 @@ def _is_within(child: Path, parent: Path) -> bool:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    args.per_organ = args.output_layout == "abdomenatlas"
+    dicom_seg = args.output_type == "dicom-seg"
+    if dicom_seg and args.per_organ:
+        raise SupremError("--output-type dicom-seg writes one file per case; it cannot be combined with the "
+                          "abdomenatlas layout")
     if args.step_size <= 0 or args.step_size > 1:
         raise SupremError(f"--step-size {args.step_size}: must be in (0, 1]")
     if args.tile_batch_size is not None and args.tile_batch_size < 1:
@@ -125,7 +141,14 @@ def main(argv=None) -> int:
             raise SupremError(f"{model_dir}: model folder not found")
         plan = read_json(model_dir / "plans.json")
     cases = discover_cases(inp, num_channels=len(plan["channel_names"]))
-    out_is_file = any(out.name.endswith(e) for e in IMAGE_ENDINGS) and not args.per_organ
+    if dicom_seg:
+        from suprem_net.inference.inputs import require_dicom
+
+        require_dicom(cases, "--output-type dicom-seg must reference the source DICOM series")
+    endings = (".dcm",) if dicom_seg else IMAGE_ENDINGS
+    if dicom_seg and any(out.name.endswith(e) for e in IMAGE_ENDINGS):
+        raise SupremError(f"{out}: --output-type dicom-seg writes DICOM; give a folder or a .dcm file name")
+    out_is_file = any(out.name.endswith(e) for e in endings) and not args.per_organ
     if out_is_file and out.is_dir():
         raise SupremError(f"{out}: is a folder; give an output file name or a folder without an image ending")
     if out_is_file and len(cases) > 1:
@@ -140,9 +163,22 @@ def main(argv=None) -> int:
             return out / case.name / "combined_labels.nii.gz"
         if out_is_file:
             return out
-        return out / f"{case.name}{case.ending}"
+        return out / f"{case.name}{'.dcm' if dicom_seg else case.ending}"
 
-    todo = [c for c in cases if args.overwrite or not target(c).exists()]
+    def stem(case) -> Path:
+        if out_is_file:
+            return out.parent / next(out.name[: -len(e)] for e in (*IMAGE_ENDINGS, ".dcm") if out.name.endswith(e))
+        return out / case.name
+
+    def stats_paths(case) -> tuple[Path, Path]:
+        from suprem_net.inference.statistics import statistics_paths
+
+        return statistics_paths(stem(case), case_folder=args.per_organ)  # CASE/statistics.* in the case folder
+
+    def done(case) -> bool:
+        return target(case).exists() and (not args.statistics or all(p.exists() for p in stats_paths(case)))
+
+    todo = [c for c in cases if args.overwrite or not done(c)]
     print(f"{len(cases)} case(s) in {inp}, {len(cases) - len(todo)} already done, predicting {len(todo)}")
     if not todo:
         return 0
@@ -164,23 +200,32 @@ def main(argv=None) -> int:
     ct = all(n.get("scheme") == "ct" for n in plan["normalization"])
     for case in tqdm(todo, unit="case", disable=len(todo) < 2):
         images, geo = read_case(case)
+        if dicom_seg:  # the source instances, checked to lie on the grid, before any compute is spent
+            from suprem_net.io.dicom import load_source
+
+            source = load_source(case.dicom_dir, geo)
         if multi_label:  # labels: the combined map; bits: every class's own mask (bit c-1 = class c)
             from suprem_net.inference.multilabel import predict_multilabel
 
             (labels, bits), probs = predict_multilabel(predictor, images, geo), None
         else:
             labels, probs = predictor.predict_case(images, geo, probabilities=args.save_probabilities)
-        if out_is_file:
-            stem = out.parent / next(out.name[: -len(e)] for e in IMAGE_ENDINGS if out.name.endswith(e))
-        else:
-            stem = out / case.name
         if args.save_probabilities:
-            export.write_probabilities(Path(f"{stem}.npz") if not args.per_organ else out / case.name / "probabilities.npz",
+            export.write_probabilities(Path(f"{stem(case)}.npz") if not args.per_organ else out / case.name / "probabilities.npz",
                                        probs, names)
         if args.preview:
-            png = Path(f"{stem}.png") if not args.per_organ else out / case.name / "preview.png"
+            png = Path(f"{stem(case)}.png") if not args.per_organ else out / case.name / "preview.png"
             write_preview(png, images[0], labels, geo, names, window=(-160.0, 240.0) if ct else None, title=case.name)
-        if args.per_organ and multi_label:
+        if args.statistics:
+            from suprem_net.inference.statistics import case_statistics, write_statistics
+
+            rows = case_statistics(images[0], bits if multi_label else labels, geo, names, bitmask=multi_label)
+            write_statistics(*stats_paths(case), case.name, rows)
+        if dicom_seg:
+            from suprem_net.io.dicom_seg import write_dicom_seg
+
+            write_dicom_seg(target(case), bits if multi_label else labels, source, names, bitmask=multi_label)
+        elif args.per_organ and multi_label:
             from suprem_net.inference.multilabel import write_per_organ_bitmask
 
             write_per_organ_bitmask(out / case.name, labels, bits, geo, names)

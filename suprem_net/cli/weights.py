@@ -2,6 +2,9 @@
 
     suprem_weights list                       # every checkpoint of the model table, status, local file
     suprem_weights info NAME                  # one entry in full
+    suprem_weights download NAME [NAME ...] | --all [--retries N]   # into the cache, checked, resumable
+    suprem_weights import FILE [--name NAME]  # a file fetched elsewhere: checked, copied into the cache
+    suprem_weights verify                     # hash every cached file again
     suprem_weights check NAME|PATH [--family F] [--num-classes N] [--in-channels C] [--labels dataset.json]
 """
 from __future__ import annotations
@@ -16,12 +19,24 @@ from suprem_net.errors import SupremError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="suprem_weights", description="List, describe and check pre-trained weights.")
+    p = argparse.ArgumentParser(prog="suprem_weights", description="List, download, import, verify, describe and "
+                                "check pre-trained weights. The cache folder is $SUPREM_weights, else the user's "
+                                "cache folder (suprem_weights list shows it).")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="all checkpoints of the SuPreM model table")
     info = sub.add_parser("info", help="details of one checkpoint")
     info.add_argument("name")
+    dl = sub.add_parser("download", help="download checkpoints into the cache (resumed if interrupted; the "
+                        "SHA-256, or the key layout where no hash is published, is checked before the file appears)")
+    dl.add_argument("names", nargs="*", metavar="NAME", help="registry names (see list)")
+    dl.add_argument("--all", action="store_true", help="every checkpoint of the table")
+    dl.add_argument("--retries", type=int, default=5, help="retries per file, with exponential back-off (default 5)")
+    imp = sub.add_parser("import", help="check a file fetched elsewhere (size and SHA-256 where published, else "
+                         "its key layout) and copy it into the cache under its published name")
+    imp.add_argument("file", type=Path)
+    imp.add_argument("--name", help="registry name (default: recognised by SHA-256, then by key layout)")
+    sub.add_parser("verify", help="hash every file in the cache again (exit code 2 on a mismatch)")
     check = sub.add_parser("check", help="load a checkpoint into its network and report tensor counts")
     check.add_argument("source", help="registry name or path to a .pth/.pt file")
     check.add_argument("--family", help="network family (needed for a path whose family cannot be inferred)")
@@ -41,7 +56,8 @@ def _cmd_list() -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    print(f"\nweights folder: {weights_dir()} (set SUPREM_weights to change it)")
+    print(f"\nweights folder: {weights_dir()} (set SUPREM_weights to change it; "
+          "get a file with: suprem_weights download NAME)")
 
 
 def _cmd_info(name: str) -> None:
@@ -58,7 +74,9 @@ def _cmd_info(name: str) -> None:
         ("backbone params", f"{e.backbone_params:,}" if e.backbone_params else "-"),
         ("pre-training data", e.data), ("file", e.file),
         ("local path", f"{path} ({'present' if path.is_file() else 'missing'})"), ("download", e.url),
-        ("mirror", e.mirror_url or "-"), ("key adapter", e.adapter or "-"),
+        ("mirror", e.mirror_url or "-"), ("get it", f"suprem_weights download {e.name}"),
+        ("size", f"{e.size:,} bytes" if e.size else e.size_note or "-"), ("sha256", e.sha256 or "-"),
+        ("checksums", e.checksum_note or "-"), ("key adapter", e.adapter or "-"),
         ("expected backbone tensors", str(e.expected_tensors) if e.expected_tensors is not None else "-"),
         ("head", e.head + (f" ({len(e.head_classes)} classes: {', '.join(e.head_classes)})" if e.head_classes else "")),
         ("notes", e.notes or "-"),
@@ -78,10 +96,47 @@ def _read_labels(path: Path) -> dict:
     return labels
 
 
+def _cmd_download(args: argparse.Namespace) -> None:
+    from suprem_net.weights import REGISTRY, get_entry
+    from suprem_net.weights.download import download_many
+
+    if args.all == bool(args.names):
+        raise SupremError("download: give registry names or --all")
+    entries = list(REGISTRY.values()) if args.all else [get_entry(n) for n in args.names]
+    unknown = [n for n, e in zip(args.names, entries) if e is None]
+    if unknown:
+        raise SupremError(f"unknown pretrained weights {', '.join(unknown)} (known: {', '.join(REGISTRY)})")
+    for path in download_many(entries, retries=args.retries, backoff=1.0, progress=True):
+        print(path)
+
+
+def _cmd_import(args: argparse.Namespace) -> None:
+    from suprem_net.weights import import_file
+
+    entry, path = import_file(args.file, args.name, progress=True)
+    print(f"{entry.name}: {path}")
+
+
+def _cmd_verify() -> None:
+    from suprem_net.weights import verify_cache, weights_dir
+
+    results = verify_cache(progress=True)
+    print(f"weights folder: {weights_dir()}")
+    for r in results:
+        print(f"{r.status:<18}  {r.name:<22}  {r.path.name}")
+    if not results:
+        print("no checkpoint in the cache")
+    bad = [r for r in results if r.status == "MISMATCH"]
+    if bad:
+        raise SupremError("\n".join(f"{r.path}: SHA-256 {r.digest} differs from the reference; delete it and "
+                                    f"run: suprem_weights download {r.name}" for r in bad))
+
+
 def _cmd_check(args: argparse.Namespace) -> None:
     from suprem_net.networks import FAMILIES, build_network
     from suprem_net.weights import get_entry, load_pretrained, read_state_dict, resolve_checkpoint
     from suprem_net.weights.adapters import ADAPTERS, infer_adapter, infer_family
+    from suprem_net.weights.layout import entry_for_layout
     from suprem_net.weights.registry import entry_for_file
 
     entry = get_entry(args.source)
@@ -89,6 +144,8 @@ def _cmd_check(args: argparse.Namespace) -> None:
         raise SupremError(f"pretrained weights {entry.name!r}: {entry.unsupported_reason}")
     path = resolve_checkpoint(args.source)
     entry = entry or entry_for_file(path.name)
+    if entry is None and not args.family:
+        entry = entry_for_layout(read_state_dict(path))  # a published file under another name
     family = args.family or (entry.family if entry else None)
     if family is None:
         sd = read_state_dict(path)
@@ -125,12 +182,9 @@ def _cmd_check(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.verbose)
-    if args.command == "list":
-        _cmd_list()
-    elif args.command == "info":
-        _cmd_info(args.name)
-    else:
-        _cmd_check(args)
+    commands = {"list": _cmd_list, "info": lambda: _cmd_info(args.name), "download": lambda: _cmd_download(args),
+                "import": lambda: _cmd_import(args), "verify": _cmd_verify, "check": lambda: _cmd_check(args)}
+    commands[args.command]()
     sys.stdout.flush()
     return 0
 

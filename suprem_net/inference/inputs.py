@@ -7,8 +7,9 @@ INPUT may be
   groups channels by case (a file without the ``_000k`` suffix is a single-channel case);
 * a folder of case folders: AbdomenAtlas layout ``CASE/ct.nii.gz`` (a case folder that holds
   one DICOM series instead is read as that series);
-* a DICOM series folder (read with SimpleITK/GDCM); a folder with several series is refused
-  with a list of them.
+* a DICOM series folder: single-frame files (read with SimpleITK/GDCM) or one multi-frame
+  image such as Enhanced CT (read with pydicom, see :mod:`suprem_net.io.dicom`); a folder with
+  several series is refused with a list of them.
 """
 from __future__ import annotations
 
@@ -93,6 +94,14 @@ def discover_cases(input_path: str | Path, num_channels: int = 1) -> list[Case]:
     return cases
 
 
+def require_dicom(cases: list[Case], why: str) -> None:
+    """Refuse, in one line, the first case that is not a DICOM series."""
+    others = [c for c in cases if c.dicom_dir is None]
+    if others:
+        more = f" (and {len(others) - 1} more case(s))" if len(others) > 1 else ""
+        raise InputError(others[0].files[0], f"not a DICOM series{more}: {why}")
+
+
 def _folder_cases(p: Path) -> list[Case]:
     images = sorted(f for f in p.iterdir() if f.is_file() and _ending(f) and not f.name.startswith("."))
     if images:
@@ -130,10 +139,16 @@ def _folder_cases(p: Path) -> list[Case]:
 
 
 def read_dicom(folder: Path) -> tuple[np.ndarray, Geometry]:
-    ids = dicom_series(folder)
-    if len(ids) != 1:
-        raise InputError(folder, f"expected one DICOM series, found {len(ids)}")
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), ids[0])
+    """A series of single-frame files through SimpleITK/GDCM, or one multi-frame file through
+    pydicom (:mod:`suprem_net.io.dicom`)."""
+    from suprem_net.io import dicom
+
+    files = dicom.series_files(folder)
+    if dicom.is_multiframe(dicom.read_header(files[0])):
+        if len(files) > 1:
+            raise InputError(folder, f"a series of {len(files)} multi-frame files; one multi-frame image per "
+                                     "folder is supported")
+        return dicom.read_multiframe(Path(files[0]))
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:

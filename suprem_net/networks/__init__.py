@@ -3,8 +3,8 @@
 A plan stores ``{"family": NAME, "kwargs": {...}, "deep_supervision": bool}``;
 ``build_network(network, in_channels, num_classes)`` is the one way to make a model.
 Each family module exposes ``build(family, kwargs, in_channels, num_classes, deep_supervision)``
-and a ``DIVISOR`` (what every patch edge must be divisible by; ``None`` when the
-topology is derived from the patch, as for the nnU-Net-style CNNs).
+and a ``DIVISOR`` (what every patch edge must be divisible by: one number, or one per axis (z, y, x)
+as for UniMiSS; ``None`` when the topology is derived from the patch, as for the nnU-Net-style CNNs).
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ FAMILIES: dict[str, str] = {
     "segresnet": "segresnet",
     "dodnet": "dodnet",
     "med3d": "med3d",
+    "unimiss_tiny": "unimiss",
+    "unimiss_small": "unimiss",
 }
 
 

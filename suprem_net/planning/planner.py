@@ -90,6 +90,9 @@ def _training_defaults(family: str, preset: dict | None, device: str) -> dict:
         common.update({"epochs": 1000, "iterations_per_epoch": 250})
     if preset is not None:
         return {**common, **preset["training"]}
+    recipe = getattr(family_module(family), "TRAINING_DEFAULTS", None)  # a family's published recipe
+    if recipe is not None:
+        return {**common, **recipe}
     if family == "swinunetr":
         return {**common, "optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-5, "schedule": "warmup_cosine",
                 "warmup_epochs": max(1, common["epochs"] // 50)}
@@ -136,15 +139,20 @@ def _plan_nnunet_patch(family, spacing, median_shape, in_ch, n_cls, budget, init
 
 
 def _plan_fixed_patch(family, kwargs, base_patch, median_shape, in_ch, n_cls, budget, step: dict):
-    div = family_module(family).DIVISOR
-    minimum = 2 * div if family == "swinunetr" else max(div, 16) * 2
+    mod = family_module(family)
+    div = np.broadcast_to(np.asarray(mod.DIVISOR, dtype=int), (3,))  # one divisor, or one per axis (z, y, x)
+    minimum = 2 * div if family == "swinunetr" or np.ndim(mod.DIVISOR) else np.maximum(div, 16) * 2
     patch = np.array(base_patch, dtype=int)
-    network = {"family": family, "kwargs": kwargs, "deep_supervision": False}
+    patch_kwarg = getattr(mod, "PATCH_KWARG", None)  # a network built for one input size (UniMiSS)
+    network = {"family": family, "kwargs": kwargs, "deep_supervision": bool(getattr(mod, "DEEP_SUPERVISION", False))}
     while True:
+        if patch_kwarg:
+            network["kwargs"] = {**kwargs, patch_kwarg: patch.tolist()}
         m = measure_step(network, in_ch, n_cls, patch.tolist(), 2, **step)
         if _fits(m, budget) <= 1.0:
             return network, patch.tolist(), m
-        if patch.max() - div < minimum:
+        axis = int(np.argmax(patch / div))  # the axis with the most divisor steps left
+        if patch[axis] - div[axis] < minimum[axis]:
             if m["predicted_peak_bytes"] <= budget["memory_bytes"]:  # compute is a soft budget: warn
                 log.warning("the smallest %s patch (%s) needs %.0f GFLOP per step, over the CPU budget of %.0f; "
                             "expect slower iterations", family, patch.tolist(), m["flops_per_iteration"] / 1e9,
@@ -152,18 +160,18 @@ def _plan_fixed_patch(family, kwargs, base_patch, median_shape, in_ch, n_cls, bu
                 return network, patch.tolist(), m
             raise SupremError(f"even a {patch.tolist()} patch of {family} does not fit the memory budget; "
                               "raise --gpu-memory-gb")
-        axis = int(np.argmax(patch))
-        patch[axis] -= div
+        patch[axis] -= div[axis]
 
 
 def make_plan(ds_spec: dict, fp: dict, *, plans_name: str, network: str | None = None, preset: str | None = None,
               device: str = "cpu", gpu_memory_gb: float | None = None, cpu_seconds_per_iteration: float = 3.0,
               cpu_gflops: float = 60.0) -> dict:
     """Build the plans dict (see docs/plans.md)."""
-    fp = fingerprint_in_axes(fp, PLAN_AXES)
     pre = load_preset(preset) if preset else None
     family = network or (pre["network"]["family"] if pre else "nnunet")
-    family_module(family)  # unknown family -> clear error
+    # the family's published weights may expect another order (UniMiSS: nnU-Net's z, y, x)
+    axes = getattr(family_module(family), "AXES", PLAN_AXES)  # unknown family -> clear error
+    fp = fingerprint_in_axes(fp, axes)
     if pre and family != pre["network"]["family"]:
         raise SupremError(f"--network {family} does not match preset {preset} ({pre['network']['family']})")
     spacing = list(pre["target_spacing"]) if pre else target_spacing(fp)
@@ -184,7 +192,8 @@ def make_plan(ds_spec: dict, fp: dict, *, plans_name: str, network: str | None =
         initial = GPU_INITIAL_VOLUME if device == "cuda" else CPU_INITIAL_VOLUME
         net, patch, m = _plan_nnunet_patch(family, spacing, median_shape, in_ch, n_cls, budget, initial, step)
     else:
-        kwargs = dict(pre["network"]["kwargs"]) if pre else dict(SUPREM_DEFAULT_KWARGS[family])
+        kwargs = dict(pre["network"]["kwargs"]) if pre else \
+            dict(SUPREM_DEFAULT_KWARGS.get(family, getattr(family_module(family), "DEFAULT_KWARGS", {})))
         base = pre["patch_size"] if pre else [96, 96, 96]
         net, patch, m = _plan_fixed_patch(family, kwargs, base, median_shape, in_ch, n_cls, budget, step)
     batch = 2
@@ -206,7 +215,7 @@ def make_plan(ds_spec: dict, fp: dict, *, plans_name: str, network: str | None =
         "num_classes": n_cls,
         "data_identifier": plans_name,
         "orientation": pre["orientation"] if pre else None,
-        "axes": PLAN_AXES,
+        "axes": axes,
         "target_spacing": spacing,
         "median_shape": median_shape,
         "normalization": normalization(ds_spec, fp, pre),

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 ENCODER_PREFIXES = {
     "nnunet": ("encoder.",), "resenc": ("encoder.",), "suprem_unet": ("down_tr",),
     "swinunetr": ("swinViT.", "encoder"), "segresnet": ("convInit", "down_layers"),
+    "unimiss_tiny": ("transformer.",), "unimiss_small": ("transformer.",),  # the pre-trained decoder is not "encoder"
 }
 MAX_NONFINITE = 5
 OVERRIDABLE = ("epochs", "iterations_per_epoch", "lr", "num_val_iterations")
@@ -138,10 +139,13 @@ def load_pretrained_weights(model, plan: dict, name_or_path: str, labels: dict) 
                     plan["plans_name"], dataset, f" --preset {plan['preset']}" if plan.get("preset") else "",
                     plan["plans_name"])
     elif plan.get("preset") is None:
-        log.warning("the plan %s has no preset, so its spacing, orientation and intensity window differ from what "
-                    "the SuPreM backbone saw in pre-training; re-plan with: suprem_plan_and_preprocess -d %s "
-                    "--preset %s", plan["plans_name"], dataset,
-                    plan["network"]["family"] if plan["network"]["family"] != "nnunet" else "suprem_unet")
+        from suprem_net.planning.presets import preset_names
+
+        preset = plan["network"]["family"] if plan["network"]["family"] != "nnunet" else "suprem_unet"
+        if preset in preset_names():  # families without a preset (UniMiSS) fine-tune on the dataset's own plan
+            log.warning("the plan %s has no preset, so its spacing, orientation and intensity window differ from "
+                        "what the SuPreM backbone saw in pre-training; re-plan with: suprem_plan_and_preprocess "
+                        "-d %s --preset %s", plan["plans_name"], dataset, preset)
 
 
 def input_differences(source: dict, plan: dict) -> list[str]:

@@ -1,18 +1,18 @@
-"""Pre-trained checkpoints of the SuPreM model table: registry, safe loading, head transfer.
+"""Pre-trained checkpoints of the SuPreM model table: registry, cache and downloads, safe loading,
+head transfer.
 
 >>> from suprem_net.weights import load_pretrained
 >>> report = load_pretrained(model, "suprem_unet")          # or a path to a .pth file
 >>> report.counts()  # {'loaded': 104, 'skipped': 13, ...}
 """
+from suprem_net.weights.cache import import_file, local_path, verify_cache, weights_dir
 from suprem_net.weights.heads import canonical_name, match_classes, transfer_head
 from suprem_net.weights.loading import (
     LoadReport,
     load_pretrained,
-    local_path,
     model_family,
     read_state_dict,
     resolve_checkpoint,
-    weights_dir,
 )
 from suprem_net.weights.registry import (
     ABDOMENATLAS_25,
@@ -25,6 +25,6 @@ from suprem_net.weights.registry import (
 
 __all__ = [
     "ABDOMENATLAS_25", "UNIVERSAL_32", "REGISTRY", "CheckpointEntry", "LoadReport", "canonical_name",
-    "get_entry", "load_pretrained", "local_path", "match_classes", "model_family", "names",
-    "read_state_dict", "resolve_checkpoint", "transfer_head", "weights_dir",
+    "get_entry", "import_file", "load_pretrained", "local_path", "match_classes", "model_family", "names",
+    "read_state_dict", "resolve_checkpoint", "transfer_head", "verify_cache", "weights_dir",
 ]

@@ -2,8 +2,9 @@
 
 An adapter gets the (unwrapped) tensor dict of a file and the model's head prefix, and returns an
 :class:`Adapted`: ``tensors`` (model key -> tensor, to be matched by name and shape), ``head``
-(a plain output head, kept aside for class-wise transfer) and ``skipped`` (file key -> why it is
-deliberately not loaded). Nothing is dropped without a reason.
+(a plain output head, kept aside for class-wise transfer), ``skipped`` (file key -> why it is
+deliberately not loaded) and ``fit`` (model key -> how its tensor is brought to the network's shape
+when the shapes differ, e.g. UniMiSS's positional embeddings). Nothing is dropped without a reason.
 """
 from __future__ import annotations
 
@@ -24,11 +25,16 @@ TANG_PRETEXT = ("rotation_pre", "rotation_head", "contrastive_pre", "contrastive
 PLAIN_PREFIXES = ("module.", "_orig_mod.", "model.", "network.", "net.")
 
 
+# fit(file tensor, the network's shape) -> the tensor in that shape, or None where it cannot be fitted
+Fit = Callable[[torch.Tensor, tuple[int, ...]], "torch.Tensor | None"]
+
+
 @dataclass
 class Adapted:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     head: dict[str, torch.Tensor] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    fit: dict[str, Fit] = field(default_factory=dict)
 
     def skip(self, key: str, reason: str) -> None:
         self.skipped[key] = reason
@@ -162,6 +168,68 @@ def swin_ssl_monai50k(sd: dict[str, torch.Tensor], head_key: str | None) -> Adap
     return out
 
 
+def resize_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
+    """``t`` (B, N, C) resampled to (B, ``length``, C) by linear interpolation along the token axis
+    with the end rows kept (row i samples position i (N - 1) / (length - 1), as
+    ``scipy.ndimage.zoom(order=1)``), in float64 and returned in ``t``'s dtype."""
+    n = t.shape[1]
+    if n == length:
+        return t
+    src = t.detach().to(torch.float64)
+    if n == 1 or length == 1:
+        return src[:, :1].expand(-1, length, -1).to(t.dtype).clone()
+    pos = torch.arange(length, dtype=torch.float64) * ((n - 1) / (length - 1))
+    lo = pos.floor().long().clamp(max=n - 2)
+    frac = (pos - lo)[None, :, None]
+    return (src[:, lo] * (1 - frac) + src[:, lo + 1] * frac).to(t.dtype)
+
+
+def _fit_tokens(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:
+    if t.dim() != 3 or len(shape) != 3 or (t.shape[0], t.shape[2]) != (shape[0], shape[2]):
+        return None
+    return resize_tokens(t, shape[1])
+
+
+def _fit_input_channels(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """A first-layer kernel repeated (not rescaled) along the input channels, as UniMiSS does."""
+    if len(shape) != t.dim() or shape[0] != t.shape[0] or tuple(shape[2:]) != tuple(t.shape[2:]) \
+            or shape[1] % t.shape[1]:
+        return None
+    return t.repeat_interleave(shape[1] // t.shape[1], dim=1)
+
+
+_UNIMISS_CLS_TOKENS = re.compile(r"^(transformer\.)?cls_tokens\d")
+_UNIMISS_POS_WITH_CLS = re.compile(r"^transformer\.pos_embed[123]$")       # resized with their cls row
+_UNIMISS_POS_DROP_CLS = re.compile(r"^(transformer\.pos_embed4|DecPosEmbed[012])$")  # cls row dropped first
+
+
+def unimiss(sd: dict[str, torch.Tensor], head_key: str | None) -> Adapted:
+    """UniMiSS DINO checkpoint (``checkpoint['student']``): ``module.backbone.<key>`` with separate 2D
+    and 3D branches. The 3D branch loads with ``3D`` removed from its names; the 2D branch, the
+    cls-token layers and the DINO head (``module.head.*``) are dropped. Positional embeddings are
+    resampled along the token axis to the network's length: ``pos_embed4`` and ``DecPosEmbed*``
+    after dropping their cls row, ``pos_embed1..3`` with it (as the UniMiSS fine-tuning code does)."""
+    out = Adapted()
+    for k, v in sd.items():
+        key = _strip(_strip(k, "module."), "backbone.")
+        if key.startswith("head."):
+            out.skip(k, "DINO projection head of the self-distillation pre-training")
+        elif "2D" in key:
+            out.skip(k, "2D branch of the mixed 2D/3D pre-training (the 3D network has its own 3D weights)")
+        elif _UNIMISS_CLS_TOKENS.match(key):
+            out.skip(k, "cls-token layers of the pre-training (the segmentation network has no cls token)")
+        else:
+            key = key.replace("3D", "")
+            if _UNIMISS_POS_DROP_CLS.match(key):
+                v = v[:, 1:]
+            if _UNIMISS_POS_DROP_CLS.match(key) or _UNIMISS_POS_WITH_CLS.match(key):
+                out.fit[key] = _fit_tokens
+            elif key == "transformer.patch_embed0.conv.weight":
+                out.fit[key] = _fit_input_channels
+            out.tensors[key] = v
+    return out
+
+
 def plain(sd: dict[str, torch.Tensor], head_key: str | None) -> Adapted:
     """Any other file (e.g. a fine-tuned network of ours): strip wrapper prefixes, keep every key,
     the head included (it loads when its shape matches)."""
@@ -186,6 +254,7 @@ ADAPTERS: dict[str, Callable[[dict[str, torch.Tensor], str | None], Adapted]] = 
     "swin_ssl_monai50k": swin_ssl_monai50k,
     "dodnet": dodnet,
     "med3d": med3d,
+    "unimiss": unimiss,
     "plain": plain,
 }
 
@@ -198,6 +267,8 @@ def infer_adapter(keys: list[str]) -> str:
         return "universal_wrapper"
     if "controller" in firsts and "x8_resb" in firsts:
         return "dodnet"
+    if any(k.startswith("backbone.transformer.patch_embed3D0.") for k in stripped):
+        return "unimiss"
     if "encoder.mask_token" in stripped or any(_SSL50K_LAYER.match(k) for k in stripped):
         return "swin_ssl_monai50k"
     if firsts & {"rotation_head", "contrastive_head", "swin_vit"} or any(_TANG_TOP.match(k) for k in stripped):
@@ -207,6 +278,8 @@ def infer_adapter(keys: list[str]) -> str:
 
 def infer_family(keys: list[str]) -> str | None:
     """The network family a set of (adapted) keys belongs to, or ``None``."""
+    if "transformer.patch_embed0.conv.weight" in keys:  # UniMiSS: small has a second stage-1 block
+        return "unimiss_small" if "transformer.block1.1.norm1.weight" in keys else "unimiss_tiny"
     for k in keys:
         if k.startswith("swinViT."):
             return "swinunetr"

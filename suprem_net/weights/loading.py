@@ -1,14 +1,16 @@
 """Find, read (safely) and load a pre-trained checkpoint into one of our networks, never silently.
 
-* :func:`resolve_checkpoint`: a registry name -> ``$SUPREM_weights/<file>`` or
-  ``./pretrained_weights/<file>``; a path -> itself.
-* :func:`read_state_dict`: ``torch.load(weights_only=True)`` only; unwraps ``net`` / ``state_dict``
-  / ``model`` / ``network_weights``.
+* :func:`resolve_checkpoint`: a registry name -> ``<weights cache>/<file>`` (see
+  :mod:`suprem_net.weights.cache`); a path -> itself.
+* :func:`read_state_dict`: ``torch.load(weights_only=True)`` only (``argparse.Namespace`` is the one
+  class allowed, for the read of a file that stores one); unwraps ``net`` / ``state_dict`` / ``model``
+  / ``network_weights`` / ``student``.
 * :func:`load_pretrained`: adapt keys, copy by name and shape, return a :class:`LoadReport`;
   a registry source that loads fewer backbone tensors than expected raises ``SupremError``.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import pickle
@@ -22,14 +24,17 @@ import torch.nn as nn
 
 from suprem_net.errors import SupremError
 from suprem_net.weights.adapters import ADAPTERS, infer_adapter
+from suprem_net.weights.cache import local_path
 from suprem_net.weights.heads import own_model_labels, own_model_plan, transfer_head, transfer_own_head
+from suprem_net.weights.layout import entry_for_layout
 from suprem_net.weights.registry import REGISTRY, CheckpointEntry, entry_for_file, get_entry, head_classes_for
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_ENV = "SUPREM_weights"
-DEFAULT_WEIGHTS_DIR = "pretrained_weights"
-WRAPPER_KEYS = ("net", "state_dict", "model", "network_weights")
+WRAPPER_KEYS = ("net", "state_dict", "model", "network_weights", "student")  # student: DINO (UniMiSS)
+# the one class a checkpoint may hold besides tensors and containers: UniMiSS files keep their training
+# arguments as an argparse.Namespace of plain values; it is allowed only for the read of such a file
+NAMESPACE = argparse.Namespace
 
 
 @dataclass
@@ -49,28 +54,21 @@ class LoadReport:
     input_mismatch: list[str] = field(default_factory=list)  # input-layer keys excused (in_channels differs)
     head_transferred: dict[str, tuple[int, int]] = field(default_factory=dict)  # label -> (src ch, dst ch)
     head_note: str = ""
+    fitted: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)  # loaded after
+    #                                                 the adapter's fit to the network's shape: key -> (file, model)
 
     def counts(self) -> dict[str, int]:
         return {"loaded": len(self.loaded), "skipped": len(self.skipped), "unexpected": len(self.unexpected),
                 "shape_mismatch": len(self.shape_mismatch), "missing": len(self.missing),
-                "head_transferred": len(self.head_transferred)}
+                "head_transferred": len(self.head_transferred), "fitted": len(self.fitted)}
 
     def summary(self) -> str:
         c = self.counts()
         exp = f" (expected {self.expected})" if self.expected is not None else ""
+        exp += f" ({c['fitted']} resized to the network)" if c["fitted"] else ""
         s = (f"{self.source}: loaded {c['loaded']}{exp}, skipped {c['skipped']}, unexpected {c['unexpected']}, "
              f"shape mismatch {c['shape_mismatch']}, missing {c['missing']} (left as initialised)")
         return s + (f"; {self.head_note}" if self.head_note else "")
-
-
-def weights_dir() -> Path:
-    """Where registry files are looked for: ``$SUPREM_weights``, else ``./pretrained_weights``."""
-    env = os.environ.get(WEIGHTS_ENV)
-    return Path(env) if env else Path.cwd() / DEFAULT_WEIGHTS_DIR
-
-
-def local_path(entry: CheckpointEntry) -> Path:
-    return weights_dir() / entry.file
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
@@ -80,8 +78,9 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     if entry is not None:
         path = local_path(entry)
         if not path.is_file():
-            raise SupremError(f"pretrained weights {entry.name!r} not found: expected {path} "
-                              f"(download {entry.url} and save it as {path}; set {WEIGHTS_ENV} to use another folder)")
+            raise SupremError(f"pretrained weights {entry.name!r} not found at {path}; get them with: "
+                              f"suprem_weights download {entry.name}   (without internet: fetch {entry.url} "
+                              f"elsewhere, then: suprem_weights import FILE --name {entry.name})")
         return path
     path = Path(text).expanduser()
     if path.is_file():
@@ -94,12 +93,26 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
                       f"(known: {', '.join(REGISTRY)})")
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load ``path`` with ``weights_only=True`` and return its tensor dict (wrappers unwrapped)."""
+def _torch_load(path: Path, allow_namespace: bool):
+    if not allow_namespace:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    with torch.serialization.safe_globals([NAMESPACE]):  # scoped to this read
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_state_dict(path: str | os.PathLike, allow_namespace: bool = False) -> dict[str, torch.Tensor]:
+    """Load ``path`` with ``weights_only=True`` and return its tensor dict (wrappers unwrapped).
+
+    ``allow_namespace``: allow ``argparse.Namespace`` (the training arguments of a UniMiSS file) in
+    this read. Without it, a file refused for holding a Namespace and nothing else is read again with
+    it allowed (a second read of the file)."""
     path = Path(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _torch_load(path, allow_namespace)
     except pickle.UnpicklingError as e:
+        if not allow_namespace and f"{NAMESPACE.__module__}.{NAMESPACE.__name__}" in str(e):
+            logger.debug("%s stores an argparse.Namespace; reading it again with that class allowed", path)
+            return read_state_dict(path, allow_namespace=True)
         text = " ".join(str(e).split())
         detail = re.search(r"WeightsUnpickler error: (.*?)(?: Please use| Check the documentation|$)", text)
         detail_text = (detail.group(1) if detail else text)[:200].rstrip(". ")
@@ -148,6 +161,8 @@ def model_family(model: nn.Module) -> str | None:
     from suprem_net.networks.suprem_unet import SupremUNet3D
 
     model = unwrap_model(model)
+    if isinstance(getattr(model, "suprem_family", None), str):  # a family that names itself (UniMiSS)
+        return model.suprem_family
     if isinstance(model, SupremUNet3D):
         return "suprem_unet"
     if isinstance(model, SwinUNETR):
@@ -191,8 +206,14 @@ def load_pretrained(model: nn.Module, name_or_path: str | os.PathLike, family: s
     if entry is not None and not entry.supported:
         raise SupremError(f"pretrained weights {entry.name!r}: {entry.unsupported_reason}")
     path = resolve_checkpoint(name_or_path)
+    sd = None
     if entry is None:
         entry = entry_for_file(path.name)  # a published file given by path
+        if entry is None and own_model_plan(path) is None:  # under another name: known by its key layout
+            sd = read_state_dict(path)
+            entry = entry_for_layout(sd)
+            if entry is not None:
+                logger.info("%s: recognised by its key layout as %s", path, entry.name)
         if entry is not None and not entry.supported:
             raise SupremError(f"{path} ({entry.name}): {entry.unsupported_reason}")
     net_family = model_family(model)
@@ -204,7 +225,8 @@ def load_pretrained(model: nn.Module, name_or_path: str | os.PathLike, family: s
     family = family or (entry.family if entry else None)
     head_key, input_keys, head_pattern = _family_attrs(family)
 
-    sd = read_state_dict(path)
+    if sd is None:
+        sd = read_state_dict(path, allow_namespace=entry is not None and entry.allow_namespace)
     adapter = entry.adapter if entry is not None else infer_adapter(list(sd))
     adapted = ADAPTERS[adapter](sd, head_key)
     report = LoadReport(source=entry.name if entry else text, path=str(path), family=family, adapter=adapter,
@@ -222,13 +244,16 @@ def load_pretrained(model: nn.Module, name_or_path: str | os.PathLike, family: s
     with torch.no_grad():
         for key, value in tensors.items():
             target = state.get(key)
+            fitted = _fitted(adapted, key, value, target)
             if target is None:
                 report.unexpected.append(key)
-            elif tuple(target.shape) != tuple(value.shape):
+            elif fitted is None:
                 report.shape_mismatch[key] = (tuple(value.shape), tuple(target.shape))
             else:
-                target.copy_(value)
+                target.copy_(fitted)
                 report.loaded.append(key)
+                if fitted is not value:
+                    report.fitted[key] = (tuple(value.shape), tuple(target.shape))
     done = set(report.loaded)
     report.missing = [k for k in state if k not in done]
     report.input_mismatch = [k for k, (fs, ms) in report.shape_mismatch.items()
@@ -255,6 +280,15 @@ def load_pretrained(model: nn.Module, name_or_path: str | os.PathLike, family: s
                             "the target head starts random")
     logger.info("%s", report.summary())
     return report
+
+
+def _fitted(adapted, key: str, value: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor | None:
+    """``value`` in ``target``'s shape: itself, or the adapter's fit of it; ``None`` if it cannot be."""
+    if target is None or tuple(target.shape) == tuple(value.shape):
+        return value
+    fit = adapted.fit.get(key)
+    out = fit(value, tuple(target.shape)) if fit is not None else None
+    return out if out is not None and tuple(out.shape) == tuple(target.shape) else None
 
 
 def _check_counts(report: LoadReport, entry: CheckpointEntry | None, family: str | None) -> None:

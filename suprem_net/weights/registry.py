@@ -3,7 +3,9 @@
 One :class:`CheckpointEntry` per downloadable file. ``family`` / ``kwargs`` say which network of
 :mod:`suprem_net.networks` the file loads into, ``adapter`` names the key remapping of
 :mod:`suprem_net.weights.adapters`, and ``expected_tensors`` is the number of backbone tensors
-(state-dict entries, buffers included) that must load, or the load is refused.
+(state-dict entries, buffers included) that must load, or the load is refused. ``size`` (bytes)
+and ``sha256`` are the file's where known; ``checksum_note`` says where they come from and whether
+they were checked.
 
 Class orders (facts §4): the AbdomenAtlas 1.1 order (25 organs; the SuPreM pre-training script)
 and the CLIP-Driven Universal Model order (25 organs + 7 tumours/cyst; the head order of the
@@ -36,6 +38,7 @@ UNET_KWARGS = {"act": "relu", "batch_stats_always": True}
 DODNET_KWARGS = {"weight_std": True}
 MED3D_KWARGS = {"layers": [3, 4, 23, 3]}
 SEGRESNET_KWARGS = {"init_filters": 16, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1], "dropout_prob": 0.0}
+UNIMISS_KWARGS = {"img_size": [48, 192, 192]}  # UniMiSS's default fine-tuning patch; plans use their own
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,11 @@ class CheckpointEntry:
     source: str = ""                # the project that published the weights
     notes: str = ""
     extra: dict = field(default_factory=dict)
+    size: int | None = None         # bytes, where known
+    sha256: str | None = None       # hex digest, where known
+    checksum_note: str = ""         # where size and sha256 come from; "unverified" when not checked
+    size_note: str = ""             # an approximate size where the exact one is unknown
+    allow_namespace: bool = False   # the file stores an argparse.Namespace (allowed in its read only)
 
     @property
     def status(self) -> str:
@@ -67,6 +75,26 @@ class CheckpointEntry:
 
 
 _DBX = "https://www.dropbox.com/scl/fi/"
+
+
+def _unimiss(variant: str, params: str, dropbox: str, rlkey: str, counts: tuple[int, int, int, int, int],
+             **known) -> CheckpointEntry:
+    """A UniMiSS row; ``counts``: tensors loaded, in the student, of the encoder, of the transformer
+    decoder, of the 2D branch (the cls-token layers, 13, and the DINO head, 8, are the same in both)."""
+    loaded, student, encoder, decoder, two_d = counts
+    file = f"self_supervised_unimiss_nnunet_{variant}_5022.pth"
+    return CheckpointEntry(
+        name=f"unimiss_{variant}", title=f"UniMiSS ({variant})", family=f"unimiss_{variant}", kwargs=UNIMISS_KWARGS,
+        params=f"{params} ({variant}; at 48x192x192 with 14 classes, the count grows with the patch)",
+        data="5022 CT&MRI", file=file, url=HF_BASE + file, mirror_url=f"{_DBX}{dropbox}/{file}?rlkey={rlkey}&dl=0",
+        adapter="unimiss", expected_tensors=loaded, head="pretext", source="YtongXie/UniMiSS-code",
+        allow_namespace=True,
+        notes=f"UniMiSS DINO training checkpoint (student, teacher, optimizer, args as an argparse.Namespace, epoch, "
+              f"loss): the student's 3D branch loads ({loaded} of {student} tensors: encoder {encoder}, transformer "
+              f"decoder {decoder}, '3D' removed from the names, positional embeddings resampled to the plan's "
+              f"patch); the 2D branch ({two_d}), the cls-token layers (13) and the DINO head (8) are dropped. "
+              "backbone_params: without the five 1x1 heads, at 48x192x192.",
+        **known)
 
 _ENTRIES: tuple[CheckpointEntry, ...] = (
     # ---- Swin UNETR ----
@@ -104,6 +132,7 @@ _ENTRIES: tuple[CheckpointEntry, ...] = (
     ),
     CheckpointEntry(
         name="suprem_swinunetr", title="SuPreM", family="swinunetr", kwargs=SWIN_KWARGS, params="62.19M",
+        size_note="about 759 MB (third-party report)",
         data="2100 CT", file="supervised_suprem_swinunetr_2100.pth", url=HF_BASE + "supervised_suprem_swinunetr_2100.pth",
         mirror_url=_DBX + "gd1d7k9mac5azpwurds66/supervised_suprem_swinunetr_2100.pth"
                           "?rlkey=xoqr7ey52rnese2k4hwmrlqrt&dl=0",
@@ -122,28 +151,16 @@ _ENTRIES: tuple[CheckpointEntry, ...] = (
         notes="checkpoint['state_dict'] with module.<UNet3D key>; the 1-channel restoration head "
               "out_tr.final_conv is dropped.",
     ),
-    CheckpointEntry(
-        name="unimiss_tiny", title="UniMiSS (tiny)", family=None, kwargs={}, params="tiny", data="5022 CT&MRI",
-        file="self_supervised_unimiss_nnunet_tiny_5022.pth",
-        url=_DBX + "joxv6gwhizcg5pmgxtoy7/self_supervised_unimiss_nnunet_tiny_5022.pth"
-                   "?rlkey=kj2wzl6t5fxfkxuwl18r1jfer&dl=0",
-        adapter=None, expected_tensors=None, supported=False, source="YtongXie/UniMiSS-code",
-        unsupported_reason="not yet supported: UniMiSS is a mixed 2D/3D transformer (MiT) encoder with its own "
-                           "decoder, none of the implemented families; the table gives no parameter count and the "
-                           "key layout of this repackaged file is undocumented, so a re-implementation could not "
-                           "be checked",
-    ),
-    CheckpointEntry(
-        name="unimiss_small", title="UniMiSS (small)", family=None, kwargs={}, params="small", data="5022 CT&MRI",
-        file="self_supervised_unimiss_nnunet_small_5022.pth",
-        url=_DBX + "mej5qfc5w6dmtsgn7hsbs/self_supervised_unimiss_nnunet_small_5022.pth"
-                   "?rlkey=k0hzktopzh8ih20aou241r9rb&dl=0",
-        adapter=None, expected_tensors=None, supported=False, source="YtongXie/UniMiSS-code",
-        unsupported_reason="not yet supported: UniMiSS is a mixed 2D/3D transformer (MiT) encoder with its own "
-                           "decoder, none of the implemented families; the table gives no parameter count and the "
-                           "key layout of this repackaged file is undocumented, so a re-implementation could not "
-                           "be checked",
-    ),
+    _unimiss("tiny", params="22.95M", dropbox="joxv6gwhizcg5pmgxtoy7", rlkey="kj2wzl6t5fxfkxuwl18r1jfer",
+             counts=(146, 207, 87, 59, 40), backbone_params=22_947_296, size=672_755_586,
+             sha256="c6097192cde5c01b2d79f68f1403aa0c077d10335e010b92b37ccccc3f28a1a1",
+             checksum_note="unverified: size and SHA-256 of the same-named file in the third-party mirror "
+                           "jethro682/pretrain_mri (whose copies of other SuPreM files carry SuPreM's hashes)"),
+    _unimiss("small", params="43.64M", dropbox="mej5qfc5w6dmtsgn7hsbs", rlkey="k0hzktopzh8ih20aou241r9rb",
+             counts=(394, 481, 223, 171, 66), backbone_params=43_637_568, size=1_050_159_114,
+             sha256="a3b97d8e5db01a4b7fa84a6107d859dcec15897997d33e719e02f01c815aa640",
+             checksum_note="from the Git-LFS pointer of MrGiovanni/SuPreM commit 1620408 (the host's own record; "
+                           "the file itself was not hashed here)"),
     CheckpointEntry(
         name="med3d", title="Med3D", family="med3d", kwargs=MED3D_KWARGS, params="85.75M", data="1638 CT",
         file="supervised_med3D_residual_unet_1623.pth",
@@ -178,6 +195,7 @@ _ENTRIES: tuple[CheckpointEntry, ...] = (
     ),
     CheckpointEntry(
         name="suprem_unet", title="SuPreM", family="suprem_unet", kwargs=UNET_KWARGS, params="19.08M",
+        size_note="about 233 MB (third-party report)",
         data="2100 CT", file="supervised_suprem_unet_2100.pth", url=HF_BASE + "supervised_suprem_unet_2100.pth",
         mirror_url=_DBX + "r5ti0vj6sgrengvvmez1k/supervised_suprem_unet_2100.pth"
                           "?rlkey=i4rw4xw44vpjpz75eq32fk0rb&dl=0",
@@ -189,6 +207,8 @@ _ENTRIES: tuple[CheckpointEntry, ...] = (
     CheckpointEntry(
         name="suprem_segresnet", title="SuPreM", family="segresnet", kwargs=SEGRESNET_KWARGS,
         params="4.70M (README first said 470.13M)", data="2100 CT", file="supervised_suprem_segresnet_2100.pth",
+        sha256="2db81dc05cd9ea7234ca75e921e53e32b8716dc4cba88a6710742bfc282589a3", size_note="about 56.5 MB",
+        checksum_note="unverified: SHA-256 and size from a third-party report",
         url=HF_BASE + "supervised_suprem_segresnet_2100.pth",
         mirror_url=_DBX + "hq10omgcie7mdsxo34bjg/supervised_suprem_segresnet_2100.pth"
                           "?rlkey=pwwes2dnlo2t6na80kioljbmm&dl=0",
