@@ -7,12 +7,13 @@ import copy
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from suprem_net.networks import build_network
 from suprem_net.training.acceleration import (UpsamplingAsMatmul, instance_norms_as_group_norms,
                                               prepare_for_training, upsampling_as_matmuls)
-from tests.conftest import shrink_plan, tiny_net
+from tests.helpers import shrink_plan, tiny_net
 
 
 def _step(model, x):
@@ -70,6 +71,7 @@ def test_upsampling_as_matmul_is_the_transposed_convolution():
     assert upsampling_as_matmuls(torch.nn.ConvTranspose3d(4, 4, 3, 2)) == 0
 
 
+@pytest.mark.slow
 def test_compiled_training_run(tmp_path):
     """suprem_train --compile trains, and its checkpoint loads into a plain network."""
     from suprem_net.cli.plan_and_preprocess import main as plan_main
@@ -167,7 +169,7 @@ def test_channels_last_norms_stay_within_the_documented_bound():
     """On the CPU, batch and group norm statistics of channels-last tensors are less accurate than of
     contiguous ones. docs/training.md gives the bound we keep: a training-mode forward of a SuPreM
     U-Net (batch statistics) or SegResNet (group norm) on a CT batch stays within 1e-3 of the largest
-    output of a float64 forward (tests/benchmarks/norm_precision.py measured up to 1.4e-4)."""
+    output of a float64 forward (benchmarks/norm_precision.py measured up to 1.4e-4)."""
     from suprem_net.preprocessing.normalization import normalize
     from suprem_net.synthetic import SyntheticSpec, make_case
 

@@ -14,12 +14,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from suprem_net.io.image import Geometry, read_image, write_image
+from suprem_net.io.image import Geometry, read_image
 from suprem_net.planning.planner import make_plan
 from suprem_net.preprocessing import orientation as ori
 from suprem_net.preprocessing.case import preprocess_case, revert_labels
 from suprem_net.synthetic import ct_fingerprint
-from tests.conftest import write_dicom_series
+from tests.helpers import write_dicom_series
 
 SPACING = 1.5  # the presets' spacing: no resampling, so the comparison is exact
 SHAPE = (20, 24, 28)  # nibabel / NIfTI voxel order (i, j, k)

@@ -12,55 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from suprem_net.inference.predictor import Predictor
-from suprem_net.networks import build_network
-from suprem_net.networks.universal import UniversalModel
-from suprem_net.preprocessing.case import preprocess_case
-from suprem_net.synthetic import SyntheticSpec, make_case
-from tests.conftest import tiny_net
+from tests.helpers import tiny_predictions
 
 REPO = Path(__file__).resolve().parents[1]
 PERTURBED = {"GLIBC_TUNABLES": "glibc.malloc.perturb=165:glibc.malloc.mmap_threshold=33554432"}
-
-
-def _plan(family: str, mirror: bool) -> dict:
-    network = tiny_net((4, 8, 16)) if family == "nnunet" else {"family": "suprem_unet", "kwargs": {}}
-    return {"orientation": "RAS", "axes": "xyz", "target_spacing": [3.0, 3.0, 3.0],
-            "normalization": [{"scheme": "window", "window": [-175, 250], "range": [0.0, 1.0]}],
-            "resampling": {"anisotropy_threshold": 3.0}, "patch_size": [32, 32, 32], "batch_size": 2,
-            "num_classes": 33 if family == "universal" else 3, "network": network,
-            "mirror_axes": [0, 1, 2] if mirror else []}
-
-
-def predict_all() -> dict[str, np.ndarray]:
-    """Logits of a tiny nnU-Net (tiles batched, mirroring) and of a Universal Model on the SuPreM U-Net
-    (batch statistics: one tile at a time) for one synthetic case, seeded weights, on 2 threads (the
-    summation order, and so the last bits, depend on the thread count)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        return _predict_all()
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _predict_all() -> dict[str, np.ndarray]:
-    spec = SyntheticSpec(num_cases=1, seed=5, fov_mm=(90.0, 120.0, 120.0), inplane_spacing=(2.5, 2.5),
-                         z_spacing=(3.0, 3.0))
-    ct, _, geo = make_case(spec, 0)  # about 30 x 40 x 40 voxels at 3 mm: 4 tiles of 32^3
-    out = {}
-    for family in ("nnunet", "universal"):
-        torch.manual_seed(0)
-        if family == "universal":
-            model = UniversalModel("suprem_unet", 32)
-            torch.nn.init.normal_(model.organ_embedding)
-        else:
-            model = build_network(_plan(family, True)["network"], 1, 3)
-        plan = _plan(family, family == "nnunet")
-        data, _, _ = preprocess_case([ct.astype(np.float32)], geo, plan)
-        predictor = Predictor(plan, [model.eval()], device="cpu", tta=family == "nnunet", step_size=0.5)
-        out[family] = predictor.predict_logits(data).numpy()
-    return out
 
 
 def prime_allocator() -> None:
@@ -75,8 +30,7 @@ def prime_allocator() -> None:
 
 def _in_subprocess(tmp_path: Path, env: dict) -> dict[str, np.ndarray]:
     out = tmp_path / f"logits_{len(env)}.npz"
-    code = ("import numpy as np, tests.test_determinism as t; "
-            f"np.savez({str(out)!r}, **t.predict_all())")
+    code = f"import numpy as np, tests.helpers as h; np.savez({str(out)!r}, **h.tiny_predictions())"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, **env},
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -85,9 +39,9 @@ def _in_subprocess(tmp_path: Path, env: dict) -> dict[str, np.ndarray]:
 
 
 def test_prediction_is_bit_identical_whatever_the_memory_held_before(tmp_path):
-    first = predict_all()
+    first = tiny_predictions()
     prime_allocator()
-    again = predict_all()
+    again = tiny_predictions()
     fresh = _in_subprocess(tmp_path, {})
     perturbed = _in_subprocess(tmp_path, PERTURBED)
     for name, ref in first.items():

@@ -18,7 +18,7 @@ from suprem_net.inference.inputs import discover_cases, read_case
 from suprem_net.io.dicom import load_source, slice_positions
 from suprem_net.io.dicom_seg import write_dicom_seg
 from suprem_net.io.image import Geometry
-from tests.conftest import write_dicom_series
+from tests.helpers import write_dicom_series
 
 NAMES = {0: "background", 1: "liver", 2: "kidney_left", 3: "spleen", 4: "my_structure"}
 

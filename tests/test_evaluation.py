@@ -14,6 +14,7 @@ from scipy import ndimage
 from suprem_net.cli.evaluate import main
 from suprem_net.evaluation.evaluate import evaluate_folders, parse_labels
 from suprem_net.evaluation.metrics import dice, normalized_surface_dice, surface_voxels
+from tests.helpers import user_error
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -254,16 +255,6 @@ def test_cli_default_output_and_int_labels(folders):
     assert (pred / "summary.csv").is_file()
 
 
-def _assert_error(capsys, argv, *needles):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for n in needles:
-        assert n in err, err
-
-
 def _no_outputs(tmp_path):
     return not list(tmp_path.rglob("*.json")) and not list(tmp_path.rglob("*.csv"))
 
@@ -271,21 +262,21 @@ def _no_outputs(tmp_path):
 def test_missing_prediction(folders, tmp_path, capsys):
     ref, pred, _ = folders
     (pred / "b.nii.gz").unlink()
-    _assert_error(capsys, ["-ref", str(ref), "-pred", str(pred)], str(pred / "b.nii.gz"), "missing")
+    user_error(main, ["-ref", str(ref), "-pred", str(pred)], capsys, str(pred / "b.nii.gz"), "missing")
     assert _no_outputs(tmp_path)
 
 
 def test_2d_prediction(folders, tmp_path, capsys):
     ref, pred, _ = folders
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((20, 20), np.uint8)), str(pred / "a.nii.gz"))
-    _assert_error(capsys, ["-ref", str(ref), "-pred", str(pred)], str(pred / "a.nii.gz"), "2D")
+    user_error(main, ["-ref", str(ref), "-pred", str(pred)], capsys, str(pred / "a.nii.gz"), "2D")
     assert _no_outputs(tmp_path)
 
 
 def test_unreadable_reference(folders, tmp_path, capsys):
     ref, pred, _ = folders
     (ref / "c.nii.gz").write_bytes(b"not an image")
-    _assert_error(capsys, ["-ref", str(ref), "-pred", str(pred)], str(ref / "c.nii.gz"))
+    user_error(main, ["-ref", str(ref), "-pred", str(pred)], capsys, str(ref / "c.nii.gz"))
     assert _no_outputs(tmp_path)
 
 
@@ -296,14 +287,14 @@ def test_geometry_mismatch(folders, tmp_path, capsys, kind):
         write_nii(pred / "b.nii.gz", maps["b"][1], spacing_xyz=(0.8, 0.8, 3.0))
     else:
         write_nii(pred / "b.nii.gz", maps["b"][1][:, :, :-1])
-    _assert_error(capsys, ["-ref", str(ref), "-pred", str(pred)], str(pred / "b.nii.gz"), kind)
+    user_error(main, ["-ref", str(ref), "-pred", str(pred)], capsys, str(pred / "b.nii.gz"), kind)
     assert _no_outputs(tmp_path)
 
 
 def test_non_integer_labels_via_pool(folders, tmp_path, capsys):
     ref, pred, maps = folders
     write_nii(pred / "a.nii.gz", maps["a"][1].astype(np.float32) * 0.5)
-    _assert_error(capsys, ["-ref", str(ref), "-pred", str(pred), "-np", "2"], str(pred / "a.nii.gz"), "non-integer")
+    user_error(main, ["-ref", str(ref), "-pred", str(pred), "-np", "2"], capsys, str(pred / "a.nii.gz"), "non-integer")
     assert _no_outputs(tmp_path)
 
 

@@ -9,7 +9,7 @@ import torch
 from suprem_net.cli.plan_and_preprocess import main as plan_main
 from suprem_net.cli.train import main as train_main
 from suprem_net.networks import build_network
-from tests.test_weights import universal_checkpoint
+from tests.helpers import universal_checkpoint
 
 CASES = {  # preset/zoo name -> (family, plans name, test patch, expected backbone tensors)
     "suprem_unet": ("suprem_unet", 32, 104),

@@ -20,7 +20,7 @@ from suprem_net.io.image import Geometry, read_image, write_image
 from suprem_net.networks import build_network
 from suprem_net.preprocessing.case import preprocess_case, revert_labels
 from suprem_net.synthetic import SyntheticSpec, label_map, make_case, write_raw_dataset
-from tests.conftest import tiny_net, write_dicom_series, write_model_dir
+from tests.helpers import tiny_net, write_dicom_series, write_model_dir
 
 TINY_NET = tiny_net((2, 4, 8))
 # coarse spacing keeps every volume small (about 50 x 60 x 60): the whole file runs in seconds
@@ -40,7 +40,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def test_images(model_dir) -> Path:
+def unlabelled_images(model_dir) -> Path:
     return model_dir.parents[2] / "raw" / "Dataset901_SynthAbdomen" / "imagesTs"
 
 
@@ -110,7 +110,8 @@ def test_revert_logits_matches_revert_labels():
     ct, masks, geo = make_case(SyntheticSpec(num_classes=3, seed=5), 0)
     seg = label_map(masks)
     plan = {"orientation": "RAS", "normalization": [{"scheme": "ct", "clip": [-100, 200], "mean": 50, "std": 60}],
-            "target_spacing": [4.0, 4.5, 4.5], "resampling": {"anisotropy_threshold": 3.0}, "num_classes": 4}
+            "target_spacing": [4.0, 4.5, 4.5], "resampling": {"anisotropy_threshold": 3.0}, "num_classes": 4,
+            "labels": {"background": 0, "a": 1, "b": 2, "c": 3}}
     data, s, props = preprocess_case([ct], geo, plan, seg=seg)
     onehot = torch.nn.functional.one_hot(torch.from_numpy(s.astype(np.int64)), 4).permute(3, 0, 1, 2).float()
     labels, probs = revert_logits(onehot * 10, props, probabilities=True, slab=5)
@@ -145,7 +146,7 @@ class _LabelIntensityModel(nn.Module):
         return -4.0 * (x[:, :1] - self.c) ** 2
 
 
-def test_accuracy_with_a_deterministic_model(model_dir, test_images, tmp_path):
+def test_accuracy_with_a_deterministic_model(model_dir, unlabelled_images, tmp_path):
     """The whole path (read -> orient -> crop -> resample -> sliding window with TTA -> resample
     back -> uncrop -> restore orientation) with a model that is exact on any grid, so every
     lost voxel is the pipeline's: only the two resamplings (about 5.5 mm -> 5.1 mm and back)
@@ -162,7 +163,7 @@ def test_accuracy_with_a_deterministic_model(model_dir, test_images, tmp_path):
     plan["orientation"] = "RAS"
     plan["normalization"] = [{"scheme": "ct", "clip": [-1000.0, 1000.0], "mean": 0.0, "std": 100.0}]
     pred = Predictor.from_model(plan, _LabelIntensityModel(plan["num_classes"]), device="cpu", tta=True)
-    ref, g = read_image(str(test_images / "case_004_0000.nii.gz").replace("imagesTs", "labelsTs")
+    ref, g = read_image(str(unlabelled_images / "case_004_0000.nii.gz").replace("imagesTs", "labelsTs")
                         .replace("_0000", ""), dtype=np.uint8)
     write_image(tmp_path / "img.nii.gz", ref.astype(np.int16) * 100, g)
     labels, geo = pred.predict_files([tmp_path / "img.nii.gz"])
@@ -184,8 +185,8 @@ def _sitk_header(path) -> tuple:
     return r.GetSize(), r.GetSpacing(), r.GetOrigin(), r.GetDirection()
 
 
-def test_cli_nifti_nrrd_headers_per_organ_preview_probabilities(model_dir, test_images, tmp_path):
-    img = test_images / "case_004_0000.nii.gz"
+def test_cli_nifti_nrrd_headers_per_organ_preview_probabilities(model_dir, unlabelled_images, tmp_path):
+    img = unlabelled_images / "case_004_0000.nii.gz"
     nrrd_dir = tmp_path / "in"
     nrrd_dir.mkdir()
     arr, geo = read_image(img)
@@ -217,8 +218,8 @@ def test_cli_nifti_nrrd_headers_per_organ_preview_probabilities(model_dir, test_
     assert np.array_equal(liver, (comb == 1).astype(np.uint8))
 
 
-def test_cli_dicom_series(model_dir, test_images, tmp_path):
-    arr, geo = read_image(test_images / "case_003_0000.nii.gz")
+def test_cli_dicom_series(model_dir, unlabelled_images, tmp_path):
+    arr, geo = read_image(unlabelled_images / "case_003_0000.nii.gz")
     geo = Geometry(geo.shape, geo.spacing, geo.origin, (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
     series = tmp_path / "series"
     write_dicom_series(series, arr, "1.2.826.0.1.3680043.2.1125.2", geo)
@@ -240,11 +241,11 @@ def test_cli_dicom_series(model_dir, test_images, tmp_path):
     assert e.value.code == 2 and not (tmp_path / "out2").exists()
 
 
-def test_cli_tta_and_skip_done(model_dir, test_images, tmp_path, capsys):
+def test_cli_tta_and_skip_done(model_dir, unlabelled_images, tmp_path, capsys):
     inp = tmp_path / "atlas"
     for name in ("BDMAP_A", "BDMAP_B"):
         (inp / name).mkdir(parents=True)
-        shutil.copy(test_images / "case_003_0000.nii.gz", inp / name / "ct.nii.gz")
+        shutil.copy(unlabelled_images / "case_003_0000.nii.gz", inp / name / "ct.nii.gz")
     out = tmp_path / "out"
     assert predict_main(["-i", str(inp / "BDMAP_A" / "ct.nii.gz"), "-o", str(out / "BDMAP_A.nii.gz"),
                          "-m", str(model_dir), "--tta", "--tile-batch-size", "1", "--step-size", "1"]) == 0
@@ -268,7 +269,7 @@ def test_predictor_from_model_and_logits(model_dir):
 
 
 @pytest.mark.parametrize("case", ["unreadable", "2d", "no_model", "no_fold", "pretrained", "inside_input"])
-def test_cli_bad_inputs_exit_2(case, model_dir, test_images, tmp_path, capsys):
+def test_cli_bad_inputs_exit_2(case, model_dir, unlabelled_images, tmp_path, capsys):
     inp = tmp_path / "in"
     inp.mkdir()
     model, extra = str(model_dir), []
@@ -277,7 +278,7 @@ def test_cli_bad_inputs_exit_2(case, model_dir, test_images, tmp_path, capsys):
     elif case == "2d":
         sitk.WriteImage(sitk.Image(20, 20, sitk.sitkInt16), str(inp / "flat_0000.nii.gz"))
     else:
-        shutil.copy(test_images / "case_003_0000.nii.gz", inp / "case_0000.nii.gz")
+        shutil.copy(unlabelled_images / "case_003_0000.nii.gz", inp / "case_0000.nii.gz")
     if case == "no_model":
         model = str(tmp_path / "nowhere")
     elif case == "no_fold":

@@ -12,9 +12,9 @@ import pytest
 from suprem_net.cli.merge_datasets import main as merge_main
 from suprem_net.cli.plan_and_preprocess import main as plan_main
 from suprem_net.io.image import read_image
-from suprem_net.preprocessing import bitmask
+from suprem_net import labels as bitmask
 from suprem_net.synthetic import SyntheticSpec, write_raw_dataset
-from tests.conftest import shrink_plan, tiny_net
+from tests.helpers import shrink_plan, tiny_net
 
 MERGED = ["liver", "spleen", "kidney_left", "kidney_right", "aorta"]
 

@@ -13,10 +13,11 @@ import torch
 
 from suprem_net.cli.plan_and_preprocess import main as plan_main
 from suprem_net.io.image import read_image
-from suprem_net.preprocessing import bitmask
+from suprem_net.preprocessing.resampling import resample_bitmask
+from suprem_net import labels as bitmask
 from suprem_net.synthetic import SyntheticSpec, write_abdomenatlas, write_raw_dataset
-from suprem_net.training.multilabel_loss import MarginalDiceCELoss, MultiLabelDiceBCE
-from tests.conftest import shrink_plan, tiny_net
+from suprem_net.losses import MarginalDiceCELoss, MultiLabelDiceBCE
+from tests.helpers import shrink_plan, tiny_net
 
 ML_DS, SL_DS = "Dataset903_AtlasML", "Dataset904_Target"
 TINY_NET = tiny_net()
@@ -54,7 +55,7 @@ def test_bitmask_helpers():
     assert bitmask.class_counts(seg, 3) == [int(a.sum()), 0, int(b.sum())]
     assert bitmask.bitmask_dtype(9) == np.uint16 and bitmask.bitmask_dtype(32) == np.uint32
     assert bitmask.value_problem(seg, 3) is None and "bits above" in bitmask.value_problem(seg | 8, 3)
-    up = bitmask.resample_bitmask(seg, (4, 12, 12), None, 3)
+    up = resample_bitmask(seg, (4, 12, 12), None, 3)
     assert np.array_equal(up[:, ::2, ::2], seg)  # overlapping voxels keep both bits
     big = bitmask.encode({1: a, 20: b}, a.shape, 20).astype(np.uint32)[None, None]
     packed = bitmask.pack16(big, 20)
@@ -113,8 +114,9 @@ def test_rerun_cannot_mix_label_encodings(ml_root, capsys):
 def test_masked_loss_gives_exactly_zero_gradient_to_unannotated_classes(ml_root):
     from suprem_net.data.dataset import CaseStore
     from suprem_net.data.loader import annotated_matrix
+    from suprem_net.labels import LabelScheme
     from suprem_net.networks import build_network
-    from suprem_net.training.multilabel_loss import make_loss
+    from suprem_net.losses import make_loss
 
     plan = json.loads((ml_root / "pp" / ML_DS / "suprem_plans.json").read_text())
     store = CaseStore(ml_root / "pp" / ML_DS / "suprem_plans")
@@ -122,7 +124,8 @@ def test_masked_loss_gives_exactly_zero_gradient_to_unannotated_classes(ml_root)
     reads = [store.read(c, [0, 0, 0], [16, 16, 16]) for c in ids]
     x = torch.from_numpy(np.stack([r[0] for r in reads]))
     y = torch.from_numpy(bitmask.pack16(np.stack([r[1] for r in reads]), 4)).long()
-    ann = torch.from_numpy(annotated_matrix([store.properties(c).get("annotated_classes") for c in ids], 4, True))
+    ann = torch.from_numpy(annotated_matrix([store.properties(c).get("annotated_classes") for c in ids],
+                                             LabelScheme.of(plan)))
     assert ann.tolist() == [[True] * 4, [True, True, True, False]]
     torch.manual_seed(0)
     net = build_network(plan["network"], 1, 4)

@@ -16,18 +16,6 @@ def n_params(model: nn.Module, skip_prefix: str | None = None) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if not (skip_prefix and n.startswith(skip_prefix)))
 
 
-@pytest.fixture(scope="module")
-def swin() -> nn.Module:
-    torch.manual_seed(0)
-    return build_network({"family": "swinunetr", "kwargs": {}}, 1, 25)
-
-
-@pytest.fixture(scope="module")
-def unet() -> nn.Module:
-    torch.manual_seed(0)
-    return build_network({"family": "suprem_unet", "kwargs": {}}, 1, 25)
-
-
 def test_divisors():
     assert family_module("suprem_unet").DIVISOR == 8
     assert family_module("swinunetr").DIVISOR == 32

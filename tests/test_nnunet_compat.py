@@ -15,6 +15,7 @@ from suprem_net.errors import SupremError
 from suprem_net.inference.nnunet_compat import load_nnunet_model
 from suprem_net.inference.predictor import Predictor
 from suprem_net.io.image import Geometry, read_image, write_image
+from tests.helpers import user_error
 
 ARCH = {
     "n_stages": 3,
@@ -179,8 +180,5 @@ def test_user_errors(tmp_path, capsys):
     with pytest.raises(SupremError, match="only torch.nn and dynamic_network_architectures"):
         load_nnunet_model(model)
     path, _, _ = _image(tmp_path)
-    with pytest.raises(SystemExit) as e:
-        predict_main(["-i", str(path), "-o", str(tmp_path / "o.nii.gz"), "--nnunet-model",
-                      str(tmp_path / "missing"), "--device", "cpu"])
-    assert e.value.code == 2
-    assert "nnU-Net model folder not found" in capsys.readouterr().err
+    user_error(predict_main, ["-i", str(path), "-o", str(tmp_path / "o.nii.gz"), "--nnunet-model",
+                              str(tmp_path / "missing"), "--device", "cpu"], capsys, "nnU-Net model folder not found")

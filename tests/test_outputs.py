@@ -15,7 +15,7 @@ from suprem_net.cli.predict import main as predict_main
 from suprem_net.io.atomic import read_json
 from suprem_net.io.image import Geometry, read_image, write_image
 from suprem_net.synthetic import SyntheticSpec, write_raw_dataset
-from tests.conftest import tiny_net, write_dicom_series, write_model_dir
+from tests.helpers import tiny_net, write_dicom_series, write_model_dir
 
 SPEC = SyntheticSpec(num_cases=3, num_classes=3, seed=3, inplane_spacing=(5.0, 6.0), z_spacing=(5.0, 6.0))
 FAST = ["--no-tta", "--step-size", "1", "--device", "cpu"]
@@ -29,23 +29,23 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def test_images(model_dir) -> Path:
+def unlabelled_images(model_dir) -> Path:
     return model_dir.parents[2] / "raw" / "Dataset901_SynthAbdomen" / "imagesTs"
 
 
-def _oblique_series(test_images: Path, folder: Path) -> np.ndarray:
+def _oblique_series(unlabelled_images: Path, folder: Path) -> np.ndarray:
     from scipy.spatial.transform import Rotation
 
-    arr, geo = read_image(test_images / "case_003_0000.nii.gz")
+    arr, geo = read_image(unlabelled_images / "case_003_0000.nii.gz")
     direction = tuple(Rotation.from_euler("xyz", [15, 0, -25], degrees=True).as_matrix().ravel())
     write_dicom_series(folder, arr, "1.2.826.0.1.3680043.2.1125.2.60", Geometry(geo.shape, geo.spacing, geo.origin,
                                                                                    direction))
     return arr
 
 
-def test_dicom_seg_and_statistics_from_a_dicom_series(model_dir, test_images, tmp_path):
+def test_dicom_seg_and_statistics_from_a_dicom_series(model_dir, unlabelled_images, tmp_path):
     series = tmp_path / "CT_SERIES"
-    _oblique_series(test_images, series)
+    _oblique_series(unlabelled_images, series)
     out = tmp_path / "out"
     assert predict_main(["-i", str(series), "-o", str(out), "-m", str(model_dir), *FAST,
                          "--output-type", "dicom-seg", "--statistics"]) == 0
@@ -75,22 +75,22 @@ def test_dicom_seg_and_statistics_from_a_dicom_series(model_dir, test_images, tm
     assert len((out / "CT_SERIES_statistics.csv").read_text().splitlines()) == 4  # header + 3 classes
 
 
-def test_dicom_seg_refuses_non_dicom_input(model_dir, test_images, tmp_path, capsys):
+def test_dicom_seg_refuses_non_dicom_input(model_dir, unlabelled_images, tmp_path, capsys):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
-        predict_main(["-i", str(test_images), "-o", str(out), "-m", str(model_dir), "--output-type", "dicom-seg"])
+        predict_main(["-i", str(unlabelled_images), "-o", str(out), "-m", str(model_dir), "--output-type", "dicom-seg"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and not out.exists()
     assert "case_003_0000.nii.gz: not a DICOM series (and 1 more case(s)): --output-type dicom-seg" in err[0]
     with pytest.raises(SystemExit) as e:
-        predict_main(["-i", str(test_images), "-o", str(out), "-m", str(model_dir), "--output-type", "dicom-seg",
+        predict_main(["-i", str(unlabelled_images), "-o", str(out), "-m", str(model_dir), "--output-type", "dicom-seg",
                       "--output-layout", "abdomenatlas"])
     assert e.value.code == 2 and not out.exists()
 
 
-def test_dicom_seg_to_a_file_name(model_dir, test_images, tmp_path, capsys):
+def test_dicom_seg_to_a_file_name(model_dir, unlabelled_images, tmp_path, capsys):
     series = tmp_path / "series"
-    _oblique_series(test_images, series)
+    _oblique_series(unlabelled_images, series)
     with pytest.raises(SystemExit) as e:
         predict_main(["-i", str(series), "-o", str(tmp_path / "seg.nii.gz"), "-m", str(model_dir), *FAST,
                       "--output-type", "dicom-seg"])
@@ -102,11 +102,11 @@ def test_dicom_seg_to_a_file_name(model_dir, test_images, tmp_path, capsys):
     assert hd.seg.segread(tmp_path / "o" / "seg.dcm").Modality == "SEG"
 
 
-def test_abdomenatlas_layout_round_trips_through_the_converter(model_dir, test_images, tmp_path, capsys):
+def test_abdomenatlas_layout_round_trips_through_the_converter(model_dir, unlabelled_images, tmp_path, capsys):
     atlas_in = tmp_path / "atlas_in"
     for i, name in enumerate(("BDMAP_00000001", "BDMAP_00000002")):
         (atlas_in / name).mkdir(parents=True)
-        shutil.copy(test_images / f"case_00{3 + i}_0000.nii.gz", atlas_in / name / "ct.nii.gz")
+        shutil.copy(unlabelled_images / f"case_00{3 + i}_0000.nii.gz", atlas_in / name / "ct.nii.gz")
     out = tmp_path / "atlas_out"
     assert predict_main(["-i", str(atlas_in), "-o", str(out), "-m", str(model_dir), *FAST,
                          "--output-layout", "abdomenatlas"]) == 0
@@ -133,8 +133,8 @@ def test_abdomenatlas_layout_round_trips_through_the_converter(model_dir, test_i
         assert (back / "imagesTr" / f"{case}_0000.nii.gz").read_bytes() == (atlas_in / case / "ct.nii.gz").read_bytes()
 
 
-def test_statistics_next_to_a_single_output_file(model_dir, test_images, tmp_path):
-    img, geo = read_image(test_images / "case_004_0000.nii.gz")
+def test_statistics_next_to_a_single_output_file(model_dir, unlabelled_images, tmp_path):
+    img, geo = read_image(unlabelled_images / "case_004_0000.nii.gz")
     write_image(tmp_path / "ct.nrrd", img.astype(np.int16), geo)
     assert predict_main(["-i", str(tmp_path / "ct.nrrd"), "-o", str(tmp_path / "o" / "seg.nrrd"), "-m", str(model_dir),
                          *FAST, "--statistics"]) == 0

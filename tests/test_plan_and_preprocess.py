@@ -12,7 +12,7 @@ from suprem_net.cli.plan_and_preprocess import main
 from suprem_net.io.image import read_image, write_image
 from suprem_net.preprocessing.storage import open_array
 from suprem_net.synthetic import write_abdomenatlas
-from tests.conftest import tiny_spec
+from tests.helpers import tiny_spec
 
 
 def run(tmp_path, *extra):
@@ -161,7 +161,7 @@ def test_integrity_errors_are_one_line_exit_2_and_write_nothing(tiny_raw, tmp_pa
 
 def test_abdomenatlas_conversion_resolves_overlaps_and_records_partial_labels(tmp_path):
     from suprem_net.cli.convert_abdomenatlas import main as convert_main
-    from suprem_net.io.abdomenatlas import ATLAS_CLASSES
+    from suprem_net.labels import ABDOMENATLAS_25 as ATLAS_CLASSES
 
     root = write_abdomenatlas(tmp_path / "atlas", tiny_spec(num_cases=2, num_classes=5), missing={1: ["aorta"]})
     # make the aorta overlap the liver in case 0: the smaller aorta must win the overlap

@@ -54,7 +54,7 @@ def test_memory_model_is_measured_and_scales():
 
 
 # Peak GPU memory of one eager bf16-autocast training step (the plan's optimiser and loss, 14 classes),
-# measured on an NVIDIA H200 with ``python -m tests.benchmarks.cuda_check`` (2026-11-28):
+# measured on an NVIDIA H200 with ``python -m benchmarks.cuda_check`` (2026-11-28):
 # family, patch, batch, torch.cuda.max_memory_allocated
 H200_PEAKS = [("nnunet", [64, 192, 192], 2, 6886865408), ("resenc", [48, 160, 160], 3, 7571692032),
               ("suprem_unet", [96, 96, 96], 2, 4377211392), ("suprem_swinunetr", [64, 96, 96], 2, 7154866176),
@@ -94,7 +94,7 @@ def test_cpu_plan_fits_both_budgets_and_gpu_plan_is_larger():
 
 def test_presets_are_complete_and_planned_faithfully():
     assert set(preset_names()) >= {"suprem_unet", "suprem_swinunetr", "suprem_segresnet"}
-    for name in preset_names():
+    for name in preset_names():  # SuPreM's pipeline (reference facts §5), not just the file's current values
         p = load_preset(name)
         assert p["orientation"] == "RAS" and p["target_spacing"] == [1.5, 1.5, 1.5]
         assert p["normalization"] == {"scheme": "window", "window": [-175, 250], "range": [0.0, 1.0]}

@@ -85,6 +85,7 @@ def test_resample_labels_never_invents_values_and_keeps_small_classes():
 
 def _plan(**kw):
     plan = {"orientation": None, "target_spacing": [3.0, 1.5, 1.5], "num_classes": 3,
+            "labels": {"background": 0, "a": 1, "b": 2},
             "normalization": [{"scheme": "ct", "clip": [-200.0, 300.0], "mean": 50.0, "std": 100.0}],
             "resampling": {"anisotropy_threshold": 3.0}}
     plan.update(kw)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import suprem_net.data.dataset as dataset
-import suprem_net.fingerprint as fingerprint
+import suprem_net.planning.fingerprint as fingerprint
 from suprem_net.data.loader import make_loader
 from suprem_net.io.atomic import write_json
 from suprem_net.io.dataset import load_raw_dataset
@@ -19,18 +19,18 @@ TINY = dict(fov_mm=(80.0, 160.0, 160.0), inplane_spacing=(3.5, 4.0), z_spacing=(
 
 
 @pytest.fixture(scope="module")
-def tiny_raw(tmp_path_factory):
+def raw_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("scale_raw")
     return load_raw_dataset(write_raw_dataset(root, 971, SyntheticSpec(num_cases=8, **TINY), num_test=0))
 
 
 @pytest.mark.parametrize("n_cases", [2, 5, 8])
-def test_fingerprint_keeps_at_most_max_total_samples(tiny_raw, monkeypatch, n_cases):
+def test_fingerprint_keeps_at_most_max_total_samples(raw_dataset, monkeypatch, n_cases):
     kept = []
     real_stats = fingerprint._stats
     monkeypatch.setattr(fingerprint, "MAX_TOTAL_SAMPLES", 40)
     monkeypatch.setattr(fingerprint, "_stats", lambda v: kept.append(len(v)) or real_stats(v))
-    fp = fingerprint.compute_fingerprint(tiny_raw, tiny_raw.training_cases()[:n_cases], num_workers=1)
+    fp = fingerprint.compute_fingerprint(raw_dataset, raw_dataset.training_cases()[:n_cases], num_workers=1)
     assert fp["num_cases"] == n_cases
     assert len(kept) == 1 and 0 < kept[0] <= 40  # one channel; the bound holds for 2 and for 8 cases
     assert kept[0] >= 40 - n_cases  # and the budget is used: floor(40 / N) per case
@@ -63,7 +63,8 @@ def test_loader_opens_nothing_upfront_and_caches_a_bounded_number_of_cases(tmp_p
     assert store.case_ids == sorted(data)
     assert opened == [] and len(store._props) == 0 and len(store._arrays) == 0  # nothing read at construction
 
-    plan = {"patch_size": [8, 8, 8], "num_classes": 3, "training": {"oversample_foreground": 0.5}}
+    plan = {"patch_size": [8, 8, 8], "num_classes": 3, "labels": {"background": 0, "a": 1, "b": 2},
+            "training": {"oversample_foreground": 0.5}}
     loader = make_loader(store, store.case_ids, plan, batch_size=2, seed=0, rank=0, train=True,
                          iterations_per_epoch=50, start_epoch=0, num_workers=0, augment=False)
     drawn = set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,10 +15,10 @@ import torch
 
 from suprem_net.cli.plan_and_preprocess import main as plan_main
 from suprem_net.synthetic import SyntheticSpec, write_raw_dataset
-from suprem_net.training.losses import SegmentationLoss, deep_supervision_scales, deep_supervision_weights
+from suprem_net.losses import SegmentationLoss, deep_supervision_weights
 from suprem_net.training.schedules import lr_factor
 from suprem_net.training.splits import fold_cases, make_splits
-from tests.conftest import shrink_plan, tiny_net
+from tests.helpers import shrink_plan, tiny_net, user_error
 
 DS = "Dataset901_SynthAbdomen"
 TINY_NET = tiny_net()
@@ -28,8 +29,8 @@ def tiny_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train")
     spec = SyntheticSpec(num_cases=4, num_classes=2, fov_mm=(60, 80, 80), inplane_spacing=(2, 2), z_spacing=(3, 3))
     write_raw_dataset(root / "raw", 901, spec, num_test=0)
-    plan_main(["-d", "901", "--raw", str(root / "raw"), "--preprocessed", str(root / "pp"), "--device", "cpu",
-               "-np", "1"])
+    assert plan_main(["-d", "901", "--raw", str(root / "raw"), "--preprocessed", str(root / "pp"), "--device",
+                      "cpu", "-np", "1"]) == 0
     shrink_plan(root / "pp" / DS / "suprem_plans.json", network=TINY_NET, epochs=3, iterations_per_epoch=3,
                 num_val_iterations=2)
     return root
@@ -49,16 +50,19 @@ def _weights(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)["network_weights"]
 
 
-def test_losses_and_schedules():
+def test_deep_supervision_loss():
     assert deep_supervision_weights(3) == pytest.approx([2 / 3, 1 / 3, 0])
-    assert deep_supervision_scales([[1, 1, 1], [1, 2, 2], [2, 2, 2]], 3) == [[1, 1, 1], [1, 2, 2], [2, 4, 4]]
     target = torch.zeros(2, 1, 8, 8, 8, dtype=torch.long)
     target[:, :, 2:6, 2:6, 2:6] = 1
     perfect = torch.nn.functional.one_hot(target[:, 0], 2).movedim(-1, 1).float() * 40
-    loss = SegmentationLoss([[1, 1, 1], [2, 2, 2]])
+    loss = SegmentationLoss()
     outputs = [perfect, perfect[:, :, ::2, ::2, ::2]]
+    assert [tuple(t.shape[2:]) for t in loss.targets(outputs, target)] == [(8, 8, 8), (4, 4, 4)]
     assert float(loss(outputs, target)) < 1e-3
     assert float(loss(-perfect, target)) > 1.0
+
+
+def test_schedules():
     assert lr_factor({"schedule": "poly"}, 0, 10) == 1.0
     cos = {"schedule": "warmup_cosine", "warmup_epochs": 2}
     assert lr_factor(cos, 0, 10) < lr_factor(cos, 2, 10) == pytest.approx(1.0)
@@ -100,6 +104,7 @@ def test_train_outputs_and_checkpoint_keys(tiny_root, tmp_path):
     assert set(summary["mean"]["dice"]) == {"liver", "spleen"} and set(summary["mean"]["nsd"]) == {"liver", "spleen"}
 
 
+@pytest.mark.slow
 def test_sigkill_and_continue_matches_uninterrupted(tiny_root, tmp_path):
     base = [sys.executable, "-m", "suprem_net.cli.train"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -126,9 +131,16 @@ def test_sigkill_and_continue_matches_uninterrupted(tiny_root, tmp_path):
     assert la["train_loss"] == lb["train_loss"] and la["pseudo_dice"] == lb["pseudo_dice"]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tiny_root, tmp_path):
     results = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            "-m", "suprem_net.cli.train", *_cmd(tiny_root, results, "--epochs", "1")]
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -139,15 +151,12 @@ def test_ddp_two_cpu_processes(tiny_root, tmp_path):
     assert not list(fold.glob(".tmp-*"))
 
 
-def test_user_errors_exit_2(tiny_root, tmp_path):
+def test_user_errors_exit_2(tiny_root, tmp_path, capsys):
     from suprem_net.cli.train import main
 
-    with pytest.raises(SystemExit) as e:
-        main(_cmd(tiny_root, tmp_path, "--plans", "nope"))
-    assert e.value.code == 2
-    with pytest.raises(SystemExit) as e:
-        main(_cmd(tiny_root, tmp_path, "--precision", "fp16", "--device", "cpu"))
-    assert e.value.code == 2
+    user_error(main, _cmd(tiny_root, tmp_path, "--plans", "nope"), capsys, "nope.json", "no such plan")
+    user_error(main, _cmd(tiny_root, tmp_path, "--precision", "fp16", "--device", "cpu"), capsys,
+               "--precision fp16 needs a CUDA device")
 
 
 def test_pretrained_file_with_frozen_encoder(tiny_root, tmp_path, caplog):

@@ -12,7 +12,7 @@ from suprem_net.networks import build_network
 from suprem_net.synthetic import write_raw_dataset
 from suprem_net.training.trainer import input_differences
 from suprem_net.weights import load_pretrained
-from tests.conftest import tiny_net, tiny_spec, write_model_dir
+from tests.helpers import tiny_net, tiny_spec, write_model_dir
 
 SOURCE, TARGET = "Dataset901_SynthAbdomen", "Dataset902_Target"
 

@@ -19,7 +19,7 @@ NEW_CLASSES = {"liver_tumor", "duodenum"}
 
 
 def _study(*args: str) -> dict:
-    done = subprocess.run([sys.executable, "-m", "tests.benchmarks.transfer_study", "--quick", *args], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "benchmarks.transfer_study", "--quick", *args], cwd=REPO,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return done

@@ -12,15 +12,16 @@ import torch.nn as nn
 
 from suprem_net.cli.weights import main as weights_main
 from suprem_net.errors import SupremError
+from suprem_net.labels import UNIVERSAL_32
 from suprem_net.networks import build_network
 from suprem_net.weights import (
     REGISTRY,
-    UNIVERSAL_32,
     canonical_name,
     load_pretrained,
     read_state_dict,
     resolve_checkpoint,
 )
+from tests.helpers import training_extras, universal_checkpoint
 
 
 class NotATensor:  # something that needs code to unpickle
@@ -40,51 +41,12 @@ def _backbone(model: nn.Module, head_prefix: str, gen: torch.Generator) -> Order
     return _randomised(OrderedDict((k, v) for k, v in model.state_dict().items() if not k.startswith(head_prefix)), gen)
 
 
-def _training_extras() -> dict:
-    return {"optimizer": {"state": {0: {"step": torch.tensor(5.0), "exp_avg": torch.zeros(3)}},
-                          "param_groups": [{"lr": 1e-3, "weight_decay": 1e-5, "params": [0]}]},
-            "scheduler": {"last_epoch": 5, "base_lrs": [1e-3], "warmup_epochs": 20}, "epoch": 5}
-
-
-def universal_checkpoint(backbone: OrderedDict, dec_ch: int, bottleneck_ch: int) -> dict:
-    """The SuPreM / Universal-Model layout: DDP prefix, CLIP wrapper around ``backbone.``."""
-    net = OrderedDict()
-    net["module.organ_embedding"] = torch.randn(32, 512)
-    for k, v in backbone.items():
-        net[f"module.backbone.{k}"] = v
-    net["module.precls_conv.0.weight"] = torch.randn(dec_ch)
-    net["module.precls_conv.0.bias"] = torch.randn(dec_ch)
-    net["module.precls_conv.2.weight"] = torch.randn(8, dec_ch, 1, 1, 1)
-    net["module.precls_conv.2.bias"] = torch.randn(8)
-    net["module.GAP.0.weight"] = torch.randn(bottleneck_ch)
-    net["module.GAP.0.bias"] = torch.randn(bottleneck_ch)
-    net["module.GAP.3.weight"] = torch.randn(256, bottleneck_ch, 1, 1, 1)
-    net["module.GAP.3.bias"] = torch.randn(256)
-    net["module.controller.weight"] = torch.randn(153, 512, 1, 1, 1)
-    net["module.controller.bias"] = torch.randn(153)
-    net["module.text_to_vision.weight"] = torch.randn(256, 512)
-    net["module.text_to_vision.bias"] = torch.randn(256)
-    return {"net": net, **_training_extras()}
-
-
 @pytest.fixture
 def weights_dir(tmp_path, monkeypatch):
     d = tmp_path / "weights"
     d.mkdir()
     monkeypatch.setenv("SUPREM_weights", str(d))
     return d
-
-
-@pytest.fixture(scope="module")
-def swin() -> nn.Module:
-    torch.manual_seed(0)
-    return build_network({"family": "swinunetr", "kwargs": {}}, 1, 3)
-
-
-@pytest.fixture(scope="module")
-def unet() -> nn.Module:
-    torch.manual_seed(0)
-    return build_network({"family": "suprem_unet", "kwargs": {}}, 1, 3)
 
 
 def segresnet(num_classes: int = 3, **kwargs) -> nn.Module:
@@ -161,7 +123,7 @@ def test_suprem_segresnet_layout_and_head_transfer(weights_dir):
     source = segresnet(32)
     net = OrderedDict((f"module.{k}", v) for k, v in _randomised(source.state_dict(), gen).items())
     assert len(net) == 83
-    torch.save({"net": net, **_training_extras()}, weights_dir / "supervised_suprem_segresnet_2100.pth")
+    torch.save({"net": net, **training_extras()}, weights_dir / "supervised_suprem_segresnet_2100.pth")
     model = segresnet(5)
     before = model.state_dict()["conv_final.2.conv.weight"].clone()
     labels = {"background": 0, "Liver": 1, "Gallbladder": 2, "IVC": 3, "lesion": 4}

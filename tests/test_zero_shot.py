@@ -7,7 +7,7 @@ from suprem_net.cli.predict import main as predict_main
 from suprem_net.io.image import read_header, read_image
 from suprem_net.networks.universal import UniversalModel
 from suprem_net.synthetic import make_case
-from tests.conftest import tiny_spec
+from tests.helpers import tiny_spec
 
 
 @pytest.fixture(scope="module")

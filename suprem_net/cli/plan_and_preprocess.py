@@ -8,7 +8,7 @@ import shutil
 
 from suprem_net.cli._common import setup_logging, user_errors_exit_2
 from suprem_net.errors import SupremError
-from suprem_net.fingerprint import load_or_compute
+from suprem_net.planning.fingerprint import load_or_compute
 from suprem_net.io.atomic import read_json, write_json
 from suprem_net.io.dataset import load_raw_dataset
 from suprem_net.networks import FAMILIES
@@ -16,7 +16,7 @@ from suprem_net.paths import location, resolve_dataset_name
 from suprem_net.planning.planner import make_plan, plan_like, summary
 from suprem_net.planning.presets import preset_names
 from suprem_net.preprocessing.run import parse_shard, preprocess_dataset, verify_complete
-from suprem_net.verify import IntegrityError, header_problems
+from suprem_net.planning.verify import IntegrityError, header_problems
 
 log = logging.getLogger("suprem_net")
 
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     cases = ds.training_cases()
     out = pp_root / name
     if args.check_only:
-        from suprem_net.fingerprint import compute_fingerprint
+        from suprem_net.planning.fingerprint import compute_fingerprint
 
         compute_fingerprint(ds, cases, args.num_processes)
         print(f"{name}: {len(cases)} cases, no problems found")

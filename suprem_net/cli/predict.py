@@ -9,6 +9,7 @@ from pathlib import Path
 from suprem_net.cli._common import setup_logging, user_errors_exit_2
 from suprem_net.errors import SupremError
 from suprem_net.io.image import IMAGE_ENDINGS
+from suprem_net.labels import LabelScheme
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +195,7 @@ def main(argv=None) -> int:
                                              tile_batch_size=args.tile_batch_size, precision=args.precision,
                                              lcc=True if args.lcc else None)
     names = predictor.class_names
-    multi_label = plan.get("label_encoding") == "bitmask"  # sigmoid model: classes may overlap
+    multi_label = LabelScheme.of(plan).multi_label  # sigmoid model: classes may overlap
     if multi_label and args.save_probabilities:
         raise SupremError("--save-probabilities is not supported for multi-label models")
     ct = all(n.get("scheme") == "ct" for n in plan["normalization"])

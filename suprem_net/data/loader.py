@@ -27,31 +27,25 @@ from batchgenerators.transforms.abstract_transforms import AbstractTransform, Co
 from suprem_net.data.augmentation import AugmentationConfig, SpatialAugmentation, training_transforms
 from suprem_net.data.dataset import CaseStore
 from suprem_net.data.sampler import choose_region, forced_foreground
-from suprem_net.preprocessing.bitmask import pack16
+from suprem_net.labels import LabelScheme, pack16
 
 TRAIN_STREAM, VAL_STREAM = 0, 1
 
 
-def label_channels_of(plan: dict | None) -> tuple[int, int]:
-    """(bits of a bitmask label or 0, output channels of the network) for a plan."""
-    if plan is None:
-        return 0, 0
-    n = int(plan["num_classes"])
-    return (n if plan.get("label_encoding") == "bitmask" else 0), n
-
-
-def annotated_matrix(annotated: list[list[int] | None], n_out: int, multi_label: bool) -> np.ndarray:
-    """(B, n_out) bool: which output channels are annotated in each sample's case. Multi-label:
-    channel c-1 is class c; single-label: channel c is class c and background (0) is always on.
+def annotated_matrix(annotated: list[list[int] | None], scheme: LabelScheme) -> np.ndarray:
+    """(B, outputs) bool: which output channels are annotated in each sample's case (class c is output
+    ``c - 1`` of a multi-label network, ``c`` of a softmax one, whose background channel is always on).
     A case without ``annotated_classes`` is fully annotated."""
-    out = np.ones((len(annotated), n_out), dtype=bool)
+    out = np.ones((len(annotated), scheme.num_outputs), dtype=bool)
     for b, classes in enumerate(annotated):
         if classes is None:
             continue
         out[b] = False
-        idx = [int(c) - 1 for c in classes] if multi_label else [0] + [int(c) for c in classes]
-        out[b, idx] = True
+        out[b, [int(c) - 1 + scheme.first_scored_output for c in classes]] = True
+        if not scheme.multi_label:
+            out[b, 0] = True
     return out
+
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +54,7 @@ class AsTensors(AbstractTransform):
     """The workers' last step: the image as a float32 and the labels as an int16 torch tensor. Torch
     tensors cross from a worker to the training process through shared memory, numpy arrays are
     pickled through a pipe: for 2 x 80x160x160 patches, 16 ms instead of 56 ms per batch of the
-    training process's time (tests/benchmarks/cuda_check.py's GPU run was waiting on that)."""
+    training process's time (benchmarks/cuda_check.py's GPU run was waiting on that)."""
 
     def __call__(self, **batch):
         batch["data"] = torch.from_numpy(np.ascontiguousarray(batch["data"], dtype=np.float32))
@@ -94,7 +88,7 @@ class PatchLoader(SlimDataLoaderBase):
         self.oversample, self.seed, self.rank, self.stream = oversample, seed, rank, stream
         self.iterations_per_epoch, self.start_epoch = iterations_per_epoch, start_epoch
         self.counter = 0
-        self.label_channels = label_channels_of(None)  # set by make_loader from the plan
+        self.scheme: LabelScheme | None = None  # set by make_loader from the plan
         self._owner_pid = os.getpid()
         self._guarded_pid: int | None = None
 
@@ -128,12 +122,12 @@ class PatchLoader(SlimDataLoaderBase):
             images.append(img)
             segs.append(seg)
             keys.append(case_id)
-        n_bits, n_out = self.label_channels
-        seg = pack16(np.stack(segs), n_bits) if n_bits else np.stack(segs).astype(np.int16)
+        multi = self.scheme is not None and self.scheme.multi_label
+        seg = pack16(np.stack(segs), self.scheme.num_classes) if multi else np.stack(segs).astype(np.int16)
         batch = {"data": np.stack(images), "seg": seg, "keys": keys, "epoch": epoch, "iteration": iteration}
         annotated = [self.store.properties(k).get("annotated_classes") for k in keys]
         if any(a is not None for a in annotated):
-            batch["annotated"] = annotated_matrix(annotated, n_out, multi_label=bool(n_bits))
+            batch["annotated"] = annotated_matrix(annotated, self.scheme)
         return batch
 
 
@@ -151,7 +145,7 @@ def make_loader(store: CaseStore, case_ids: list[str], plan: dict, *, batch_size
     loader = PatchLoader(store, case_ids, patch, batch_size, oversample, seed, rank,
                          TRAIN_STREAM if train else VAL_STREAM, iterations_per_epoch, start_epoch,
                          max(1, num_workers), spatial)
-    loader.label_channels = label_channels_of(plan)
+    loader.scheme = LabelScheme.of(plan)
     log.debug("%s loader: patch %s, %d workers", "train" if train else "val", patch, num_workers)
     if num_workers <= 0:
         return SingleThreadedAugmenter(loader, transform)

@@ -24,7 +24,7 @@ import torch
 from suprem_net.io.atomic import atomic_path
 from suprem_net.io.image import Geometry, write_image
 from suprem_net.preprocessing import orientation as ori
-from suprem_net.preprocessing.resampling import _resize_axis
+from suprem_net.preprocessing.resampling import resize_axis
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +45,11 @@ def resampled_slabs(logits: torch.Tensor, props: dict, slab: int = 16):
     with torch.inference_mode():
         x = logits
         if x.shape[1] != target[0]:
-            x = _resize_axis(x.float(), 0, target[0], _mode(0, z_axis))
+            x = resize_axis(x.float(), 0, target[0], _mode(0, z_axis))
         for z0 in range(0, target[0], slab):
             part = x[:, z0:z0 + slab].float()
-            part = _resize_axis(part, 1, target[1], _mode(1, z_axis))
-            part = _resize_axis(part, 2, target[2], _mode(2, z_axis))
+            part = resize_axis(part, 1, target[1], _mode(1, z_axis))
+            part = resize_axis(part, 2, target[2], _mode(2, z_axis))
             yield slice(z_start + z0, z_start + z0 + part.shape[1]), part
 
 

@@ -22,7 +22,7 @@ import torch
 from suprem_net.inference.export import resampled_slabs
 from suprem_net.io.image import Geometry, write_image
 from suprem_net.preprocessing import orientation as ori
-from suprem_net.preprocessing.bitmask import bitmask_dtype, channel, is_bitmask
+from suprem_net.labels import LabelScheme, bitmask_dtype, channel
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def predict_multilabel(predictor, images: list[np.ndarray], geometry: Geometry) 
     """``(combined labels, bitmask)`` in ``geometry`` for one case with a multi-label predictor."""
     from suprem_net.preprocessing.case import preprocess_case
 
-    if not is_bitmask(predictor.plan):
+    if not LabelScheme.of(predictor.plan).multi_label:
         raise ValueError("predict_multilabel needs a multi-label (bitmask) plan")
     data, _, props = preprocess_case(images, geometry, predictor.plan)
     logits = predictor._logits(data)

@@ -22,6 +22,7 @@ from suprem_net.inference.postprocessing import keep_largest_component, read_lcc
 from suprem_net.inference.sliding_window import SlidingWindow
 from suprem_net.io.atomic import read_json
 from suprem_net.io.image import Geometry
+from suprem_net.labels import LabelScheme
 from suprem_net.networks import build_network
 from suprem_net.preprocessing.case import preprocess_case
 
@@ -199,7 +200,7 @@ class Predictor:
     def predict_case(self, images: list[np.ndarray], geometry: Geometry,
                      probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Label map uint8 (Z, Y, X) in ``geometry`` (and float16 probabilities (K, Z, Y, X) if asked)."""
-        if self.plan.get("label_encoding") == "bitmask":  # multi-label: the combined map of sigmoid > 0.5
+        if LabelScheme.of(self.plan).multi_label:  # the combined map of sigmoid > 0.5
             if probabilities:
                 raise SupremError("--save-probabilities is not supported for multi-label models")
             from suprem_net.inference.multilabel import predict_multilabel

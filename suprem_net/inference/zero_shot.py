@@ -16,7 +16,8 @@ from suprem_net.errors import SupremError
 from suprem_net.networks.universal import BACKBONES, UniversalModel
 from suprem_net.planning.presets import load_preset
 from suprem_net.weights.loading import read_state_dict, resolve_checkpoint
-from suprem_net.weights.registry import ABDOMENATLAS_25, UNIVERSAL_32, get_entry
+from suprem_net.labels import ABDOMENATLAS_25, UNIVERSAL_32
+from suprem_net.weights.registry import get_entry
 
 logger = logging.getLogger(__name__)
 

@@ -24,15 +24,10 @@ import numpy as np
 from suprem_net.errors import InputError, SupremError
 from suprem_net.io.atomic import atomic_path, read_json, write_json
 from suprem_net.io.image import read_header, read_image, write_image
-from suprem_net.preprocessing import bitmask
+from suprem_net import labels as label_format
+from suprem_net.labels import ABDOMENATLAS_25, LabelScheme
 from suprem_net.parallel import map_cases
 
-ATLAS_CLASSES = [
-    "aorta", "gall_bladder", "kidney_left", "kidney_right", "liver", "pancreas", "postcava", "spleen", "stomach",
-    "adrenal_gland_left", "adrenal_gland_right", "bladder", "celiac_trunk", "colon", "duodenum", "esophagus",
-    "femur_left", "femur_right", "hepatic_vessel", "intestine", "lung_left", "lung_right",
-    "portal_vein_and_splenic_vein", "prostate", "rectum",
-]
 
 
 def _mask_name(p: Path) -> str:
@@ -54,7 +49,7 @@ def scan(root: Path) -> tuple[list[Path], list[str]]:
         names.update(_mask_name(p) for p in seg_dir.iterdir() if p.name.endswith((".nii.gz", ".nii")))
     if not names:
         raise InputError(root, "no mask files in any CASE/segmentations/")
-    ordered = [n for n in ATLAS_CLASSES if n in names] + sorted(names - set(ATLAS_CLASSES))
+    ordered = [n for n in ABDOMENATLAS_25 if n in names] + sorted(names - set(ABDOMENATLAS_25))
     return cases, ordered
 
 
@@ -78,7 +73,7 @@ def _convert_case(args) -> tuple[str, list[str]]:
     if label_path.is_file() and image_path.is_file():
         return case, missing
     if multi_label:
-        seg = bitmask.encode(masks, ct_geo.shape, len(classes))
+        seg = label_format.encode(masks, ct_geo.shape, len(classes))
     else:
         seg = np.zeros(ct_geo.shape, dtype=np.uint8 if len(classes) < 256 else np.uint16)
         # paint the largest masks first so that smaller (nested) structures win overlaps
@@ -95,16 +90,16 @@ def convert(root: str | Path, raw_root: str | Path, dataset_id: int, name: str =
     root = Path(root)
     cases, classes = scan(root)
     if multi_label:
-        bitmask.bitmask_dtype(len(classes))  # more than 32 classes -> SupremError
+        label_format.bitmask_dtype(len(classes))  # more than 32 classes -> SupremError
     out = Path(raw_root) / f"Dataset{dataset_id:03d}_{name}"
     existing = [p for p in Path(raw_root).glob(f"Dataset{dataset_id:03d}_*") if p != out]
     if existing:
         raise SupremError(f"dataset id {dataset_id} is already used by {existing[0]}")
     previous = out / "dataset.json"
     if previous.is_file():  # a rerun resumes; it must not mix label encodings
-        was = read_json(previous).get("label_encoding", "label_map")
-        if was != ("bitmask" if multi_label else "label_map"):
-            raise SupremError(f"{out} was converted {'with' if was == 'bitmask' else 'without'} --multi-label; "
+        was_multi = LabelScheme.of(read_json(previous)).multi_label
+        if was_multi != multi_label:
+            raise SupremError(f"{out} was converted {'with' if was_multi else 'without'} --multi-label; "
                               "use another dataset id or delete that folder")
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
@@ -121,7 +116,7 @@ def convert(root: str | Path, raw_root: str | Path, dataset_id: int, name: str =
         "file_ending": ".nii.gz",
     }
     if multi_label:
-        spec["label_encoding"] = bitmask.BITMASK
+        spec["label_encoding"] = label_format.BITMASK
     if partial:
         spec["partial_labels"] = partial
     write_json(out / "dataset.json", spec)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from suprem_net.errors import InputError
 from suprem_net.io.atomic import read_json
+from suprem_net.labels import BITMASK, LABEL_MAP, MAX_CLASSES, LabelScheme
 
 SAFE_CASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 
@@ -40,14 +41,9 @@ class RawDataset:
         return self.spec["labels"]
 
     @property
-    def num_classes(self) -> int:
-        """Output channels of a softmax network, background included."""
-        return max(self.labels.values()) + 1
-
-    @property
-    def label_encoding(self) -> str:
-        """``"label_map"`` (one class per voxel, the default) or ``"bitmask"`` (multi-label)."""
-        return self.spec.get("label_encoding", "label_map")
+    def label_scheme(self) -> LabelScheme:
+        """What the labels mean (encoding, outputs, ...): :class:`suprem_net.labels.LabelScheme`."""
+        return LabelScheme.of(self.spec)
 
     def training_cases(self) -> list[Case]:
         return self._cases(self.root / "imagesTr", self.root / "labelsTr")
@@ -111,11 +107,11 @@ def _spec_problem(spec) -> str | None:
     values = sorted(labels.values())
     if values != list(range(len(values))):
         return f"label values must be consecutive from 0, got {values}"
-    encoding = spec.get("label_encoding", "label_map")
-    if encoding not in ("label_map", "bitmask"):
-        return f"label_encoding must be 'label_map' or 'bitmask', got {encoding!r}"
-    if encoding == "bitmask" and not 1 <= len(values) - 1 <= 32:
-        return f"a bitmask label map holds 1 to 32 classes, dataset.json has {len(values) - 1}"
+    encoding = spec.get("label_encoding", LABEL_MAP)
+    if encoding not in (LABEL_MAP, BITMASK):
+        return f"label_encoding must be '{LABEL_MAP}' or '{BITMASK}', got {encoding!r}"
+    if encoding == BITMASK and not 1 <= len(values) - 1 <= MAX_CLASSES:
+        return f"a bitmask label map holds 1 to {MAX_CLASSES} classes, dataset.json has {len(values) - 1}"
     partial = spec.get("partial_labels", {})
     if not isinstance(partial, dict) or any(not isinstance(v, list) for v in partial.values()):
         return "partial_labels must map case ids to lists of class names"

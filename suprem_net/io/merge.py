@@ -35,7 +35,7 @@ from suprem_net.io.atomic import atomic_path, read_json, write_json
 from suprem_net.io.dataset import Case, RawDataset
 from suprem_net.io.image import read_image, write_image
 from suprem_net.parallel import map_cases
-from suprem_net.preprocessing import bitmask
+from suprem_net import labels as label_format
 
 logger = logging.getLogger(__name__)
 
@@ -100,9 +100,9 @@ def _class_maps(datasets: list[RawDataset], aliases: dict[str, str]) -> tuple[li
             if target not in merged:
                 merged.append(target)
         maps.append(mapping)
-    if len(merged) > bitmask.MAX_CLASSES:
+    if len(merged) > label_format.MAX_CLASSES:
         problems.append(f"the merged dataset would have {len(merged)} classes; a bitmask holds at most "
-                        f"{bitmask.MAX_CLASSES}")
+                        f"{label_format.MAX_CLASSES}")
     return merged, maps, problems
 
 
@@ -145,8 +145,8 @@ def plan_merge(datasets: list[RawDataset], out: Path, name: str, aliases: dict[s
             absent = [c for c in classes if c not in annotated]
             if absent:
                 partial[new_id] = absent
-            jobs.append(CaseJob(case, new_id, {v: number[c] for v, c in mapping.items()}, bitmask.is_bitmask(ds.spec),
-                                ds.num_classes - 1, out, first.file_ending))
+            jobs.append(CaseJob(case, new_id, {v: number[c] for v, c in mapping.items()}, ds.label_scheme.multi_label,
+                                ds.label_scheme.num_classes, out, first.file_ending))
     problems += _listed(duplicates) + _listed(missing)
     spec = {
         "name": name,
@@ -156,7 +156,7 @@ def plan_merge(datasets: list[RawDataset], out: Path, name: str, aliases: dict[s
         "labels": {"background": 0, **number},
         "numTraining": len(jobs),
         "file_ending": first.file_ending,
-        "label_encoding": bitmask.BITMASK,
+        "label_encoding": label_format.BITMASK,
         "merged_from": {ds.name: {n: mapping[v] for n, v in ds.labels.items() if v in mapping}
                         for ds, mapping in zip(datasets, maps)},
     }
@@ -187,15 +187,15 @@ def _output_problems(out: Path, spec: dict) -> list[str]:
 
 def _encode(job: CaseJob, seg: np.ndarray, num_classes: int) -> np.ndarray:
     if job.source_bitmask:
-        problem = bitmask.value_problem(seg, job.source_classes)
-        masks = {job.values[c]: bitmask.channel(seg, c) for c in job.values}
+        problem = label_format.value_problem(seg, job.source_classes)
+        masks = {job.values[c]: label_format.channel(seg, c) for c in job.values}
     else:
         unknown = sorted(set(np.unique(seg).tolist()) - set(job.values) - {0})
         problem = f"label values {unknown[:5]} are not in dataset.json" if unknown else None
         masks = {job.values[v]: seg == v for v in job.values}
     if problem:
         raise InputError(job.case.label, problem)
-    return bitmask.encode(masks, seg.shape, num_classes)
+    return label_format.encode(masks, seg.shape, num_classes)
 
 
 def _merge_case(args: tuple[CaseJob, int]) -> str:

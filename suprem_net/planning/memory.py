@@ -25,7 +25,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from suprem_net.networks import build_network
-from suprem_net.training.multilabel_loss import make_loss
+from suprem_net.labels import PACK_BITS
+from suprem_net.losses import build_loss
 
 # CUDA autocast's op lists (the ones these networks use): computed in the low precision ...
 LOW_PRECISION_OPS = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
@@ -87,7 +88,7 @@ def _measure_cached(network_json: str, in_channels: int, num_classes: int, patch
     x = torch.empty((batch, in_channels, *patch), device="meta")
     target = None
     if loss_name is not None:  # the trainer's labels: int64, packed 16 classes per channel when multi-label
-        label_channels = -(-num_classes // 16) if loss_name == "dice_bce" else 1
+        label_channels = -(-num_classes // PACK_BITS) if loss_name == "dice_bce" else 1
         target = torch.empty((batch, label_channels, *patch), device="meta", dtype=torch.long)
     autocast = _AutocastOnMeta(dtype) if mixed else contextlib.nullcontext()
     with FlopCounterMode(display=False) as counter:
@@ -97,7 +98,7 @@ def _measure_cached(network_json: str, in_channels: int, num_classes: int, patch
                 outs = out if isinstance(out, (list, tuple)) else [out]
                 loss = sum(o.float().sum() for o in outs)
             else:
-                loss = _loss(network, num_classes, loss_name)(out, target)
+                loss = build_loss(loss_name, num_classes)(out, target)
         loss.backward()
     activation_bytes = sum(saved.values()) + (target.numel() * target.element_size() if target is not None else 0)
     transient = 2 * largest[0]
@@ -110,13 +111,6 @@ def _measure_cached(network_json: str, in_channels: int, num_classes: int, patch
         "predicted_peak_bytes": int(peak),
         "flops_per_iteration": int(counter.get_total_flops()),
     }
-
-
-def _loss(network: dict, num_classes: int, loss_name: str):
-    plan = {"network": network, "num_classes": num_classes, "training": {"loss": loss_name}}
-    if loss_name == "dice_bce":
-        plan["label_encoding"] = "bitmask"
-    return make_loss(plan)
 
 
 def measure_step(network: dict, in_channels: int, num_classes: int, patch, batch: int,

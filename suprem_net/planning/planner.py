@@ -14,6 +14,7 @@ import os
 import numpy as np
 
 from suprem_net.errors import SupremError
+from suprem_net.labels import LabelScheme
 from suprem_net.networks import family_module
 from suprem_net.planning.memory import measure_step
 from suprem_net.planning.presets import load_preset
@@ -100,10 +101,15 @@ def _training_defaults(family: str, preset: dict | None, device: str) -> dict:
             "weight_decay": 3e-5, "schedule": "poly", "poly_exponent": 0.9}
 
 
-def _step_kwargs(training: dict, dtype: str) -> dict:
+def _step_kwargs(training: dict, dtype: str, scheme: LabelScheme) -> dict:
     """What :func:`measure_step` needs of the training recipe: precision, optimiser state, loss."""
     return {"dtype": dtype, "optimizer_slots": 2 if training["optimizer"] == "adamw" else 1,
-            "loss": training.get("loss", "dice_ce")}
+            "loss": training.get("loss", scheme.default_loss)}
+
+
+def _label_resampling(scheme: LabelScheme) -> str:
+    """Each class mask interpolated linearly, then the largest per voxel (label maps) or > 0.5 (bitmasks)."""
+    return "linear_threshold" if scheme.multi_label else "linear_argmax"
 
 
 def _fits(m: dict, budget: dict) -> float:
@@ -177,17 +183,16 @@ def make_plan(ds_spec: dict, fp: dict, *, plans_name: str, network: str | None =
     spacing = list(pre["target_spacing"]) if pre else target_spacing(fp)
     median_shape = median_resampled_shape(fp, spacing)
     in_ch = len(ds_spec["channel_names"])
-    multi_label = ds_spec.get("label_encoding") == "bitmask"
-    # multi-label: one sigmoid channel per class, no background channel
-    n_cls = max(ds_spec["labels"].values()) + (0 if multi_label else 1)
+    scheme = LabelScheme.of(ds_spec)
+    n_cls = scheme.num_outputs
     budget = {"memory_bytes": default_memory_budget(device, gpu_memory_gb)}
     if device == "cpu":
         budget["flops"] = cpu_seconds_per_iteration * cpu_gflops * 1e9
     training = _training_defaults(family, pre, device)
-    if multi_label:
-        training["loss"] = "dice_bce"  # SuPreM's pre-training loss: sigmoid Dice + BCE
+    if scheme.multi_label:
+        training["loss"] = scheme.default_loss  # SuPreM's pre-training loss: sigmoid Dice + BCE
     dtype = "float32" if device == "cpu" else "bfloat16"
-    step = _step_kwargs(training, dtype)
+    step = _step_kwargs(training, dtype, scheme)
     if family in ("nnunet", "resenc"):
         initial = GPU_INITIAL_VOLUME if device == "cuda" else CPU_INITIAL_VOLUME
         net, patch, m = _plan_nnunet_patch(family, spacing, median_shape, in_ch, n_cls, budget, initial, step)
@@ -219,7 +224,8 @@ def make_plan(ds_spec: dict, fp: dict, *, plans_name: str, network: str | None =
         "target_spacing": spacing,
         "median_shape": median_shape,
         "normalization": normalization(ds_spec, fp, pre),
-        "resampling": {"image": "cubic", "labels": "linear_argmax", "anisotropy_threshold": ANISOTROPY_THRESHOLD},
+        "resampling": {"image": "cubic", "labels": _label_resampling(scheme),
+                       "anisotropy_threshold": ANISOTROPY_THRESHOLD},
         "storage": {"dtype": "float16", "codec": "ZSTD", "clevel": 3},
         "patch_size": [int(p) for p in patch],
         "batch_size": int(batch),
@@ -228,10 +234,8 @@ def make_plan(ds_spec: dict, fp: dict, *, plans_name: str, network: str | None =
         "memory": {"budget_bytes": budget["memory_bytes"], "compute_dtype": dtype,
                    "flops_budget": budget.get("flops"), **m},
         "training": training,
+        **scheme.encoding_fields(),
     }
-    if multi_label:
-        plan["label_encoding"] = "bitmask"
-        plan["resampling"]["labels"] = "linear_threshold"
     return plan
 
 
@@ -245,18 +249,18 @@ def plan_like(ds_spec: dict, fp: dict, source: dict, *, plans_name: str, source_
     and training recipe. Only the labels (and so the output channels) are this dataset's. This is
     how a model pre-trained on one dataset is fine-tuned on another with the inputs it was trained on."""
     channels = ds_spec["channel_names"]  # the same number as the source's (the caller checks)
-    multi_label = ds_spec.get("label_encoding") == "bitmask"
-    n_cls = max(ds_spec["labels"].values()) + (0 if multi_label else 1)
+    scheme = LabelScheme.of(ds_spec)
+    n_cls = scheme.num_outputs
     plan = {k: copy.deepcopy(source[k]) for k in INHERITED_FROM_SOURCE if k in source}
     plan["axes"] = network_axes(source)  # written out: a source from before the field keeps its order
     fp = fingerprint_in_axes(fp, plan["axes"])
     plan["training"].pop("loss", None)
-    plan["resampling"]["labels"] = "linear_threshold" if multi_label else "linear_argmax"
-    if multi_label:
-        plan["training"]["loss"] = "dice_bce"
+    plan["resampling"]["labels"] = _label_resampling(scheme)
+    if scheme.multi_label:
+        plan["training"]["loss"] = scheme.default_loss
     budget = source["memory"]["budget_bytes"]
     m = measure_step(plan["network"], len(channels), n_cls, plan["patch_size"], plan["batch_size"],
-                     **_step_kwargs(plan["training"], source["memory"]["compute_dtype"]))
+                     **_step_kwargs(plan["training"], source["memory"]["compute_dtype"], scheme))
     if m["predicted_peak_bytes"] > budget:
         log.warning("the source plan's network needs %.1f GiB per step with this dataset's %d classes, over its "
                     "budget of %.1f GiB", m["predicted_peak_bytes"] / 2 ** 30, n_cls, budget / 2 ** 30)
@@ -271,9 +275,8 @@ def plan_like(ds_spec: dict, fp: dict, source: dict, *, plans_name: str, source_
         "data_identifier": plans_name,
         "median_shape": median_resampled_shape(fp, plan["target_spacing"]),
         "memory": {**source["memory"], **m},
+        **scheme.encoding_fields(),
     })
-    if multi_label:
-        plan["label_encoding"] = "bitmask"
     return plan
 
 

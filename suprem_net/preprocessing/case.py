@@ -9,9 +9,10 @@ from __future__ import annotations
 import numpy as np
 
 from suprem_net.io.image import Geometry
+from suprem_net.labels import LabelScheme
 from suprem_net.preprocessing import orientation as ori
 from suprem_net.preprocessing.normalization import normalize
-from suprem_net.preprocessing.resampling import resample_image, resample_labels, separate_z_axis
+from suprem_net.preprocessing.resampling import resample_bitmask, resample_image, resample_labels, separate_z_axis
 
 
 def nonzero_bbox(data: np.ndarray) -> list[list[int]]:
@@ -48,9 +49,7 @@ def preprocess_case(images: list[np.ndarray], geometry: Geometry, plan: dict, se
     new_shape = resampled_shape(data.shape[1:], spacing, target)
     z_axis = separate_z_axis(spacing, target, plan["resampling"]["anisotropy_threshold"])
     data = resample_image(data, new_shape, z_axis)
-    if seg is not None and plan.get("label_encoding") == "bitmask":
-        from suprem_net.preprocessing.bitmask import resample_bitmask
-
+    if seg is not None and LabelScheme.of(plan).multi_label:
         seg = resample_bitmask(seg, new_shape, z_axis, plan["num_classes"])
     elif seg is not None:
         seg = resample_labels(np.ascontiguousarray(seg), new_shape, z_axis, plan["num_classes"])
@@ -95,4 +94,20 @@ def sample_class_locations(seg: np.ndarray, num_classes: int, max_per_class: int
         if len(idx) > max_per_class:
             idx = np.sort(rng.choice(idx, max_per_class, replace=False))
         out[str(c)] = np.stack(np.unravel_index(idx, seg.shape), axis=1).astype(int).tolist()
+    return out
+
+
+def sample_bitmask_locations(seg: np.ndarray, num_classes: int, max_per_class: int = 1000,
+                             seed: int = 1234) -> dict[str, list[list[int]]]:
+    """Up to ``max_per_class`` voxel coordinates per class ("1".."C") of a bitmask, for oversampling."""
+    rng = np.random.default_rng(seed)
+    flat = np.asarray(seg).reshape(-1).astype(np.uint64)
+    out: dict[str, list[list[int]]] = {}
+    for c in range(num_classes):
+        idx = np.flatnonzero((flat >> np.uint64(c)) & np.uint64(1))
+        if len(idx) == 0:
+            continue
+        if len(idx) > max_per_class:
+            idx = np.sort(rng.choice(idx, max_per_class, replace=False))
+        out[str(c + 1)] = np.stack(np.unravel_index(idx, seg.shape), axis=1).astype(int).tolist()
     return out

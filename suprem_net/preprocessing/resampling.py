@@ -6,13 +6,16 @@ scikit-image's cubic B-spline (order 3); both are third-order interpolants, ours
 spline prefilter and runs on all cores, which is why it is not scipy/skimage.
 Labels: each class's one-hot mask is interpolated linearly (nearest along z when
 anisotropic) and every voxel takes the class with the largest value, so no label value
-is ever invented (nnU-Net: order-1 per-class masks thresholded at 0.5).
+is ever invented (nnU-Net: order-1 per-class masks thresholded at 0.5). Multi-label bitmasks:
+each class bit is a binary mask interpolated the same way and thresholded at 0.5 (nnU-Net's rule).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from suprem_net.labels import bitmask_dtype
 
 
 def separate_z_axis(spacing, new_spacing, threshold: float = 3.0) -> int | None:
@@ -25,7 +28,7 @@ def separate_z_axis(spacing, new_spacing, threshold: float = 3.0) -> int | None:
     return None
 
 
-def _resize_axis(x: torch.Tensor, axis: int, size: int, mode: str) -> torch.Tensor:
+def resize_axis(x: torch.Tensor, axis: int, size: int, mode: str) -> torch.Tensor:
     """Resize one spatial axis of ``x`` (N, Z, Y, X); ``mode`` is 'cubic', 'linear' or 'nearest'."""
     if x.shape[1 + axis] == size:
         return x
@@ -40,11 +43,11 @@ def _resize_axis(x: torch.Tensor, axis: int, size: int, mode: str) -> torch.Tens
     return out.reshape(*lead, size).movedim(-1, 1 + axis)
 
 
-def _resize(x: torch.Tensor, new_shape, mode: str, z_axis: int | None) -> torch.Tensor:
+def resize(x: torch.Tensor, new_shape, mode: str, z_axis: int | None) -> torch.Tensor:
     # shrink first along the axis that reduces the data most, to keep intermediates small
     axes = sorted(range(3), key=lambda a: new_shape[a] / x.shape[1 + a])
     for a in axes:
-        x = _resize_axis(x, a, int(new_shape[a]), "nearest" if a == z_axis else mode)
+        x = resize_axis(x, a, int(new_shape[a]), "nearest" if a == z_axis else mode)
     return x
 
 
@@ -53,7 +56,7 @@ def resample_image(data: np.ndarray, new_shape, z_axis: int | None) -> np.ndarra
     if tuple(data.shape[1:]) == tuple(new_shape):
         return data.astype(np.float32, copy=False)
     with torch.no_grad():
-        out = _resize(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), new_shape, "cubic", z_axis)
+        out = resize(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), new_shape, "cubic", z_axis)
     return out.numpy()
 
 
@@ -70,8 +73,25 @@ def resample_labels(seg: np.ndarray, new_shape, z_axis: int | None, num_classes:
             mask = (src == c)
             if not bool(mask.any()):
                 continue
-            m = _resize(mask[None].float(), new_shape, "linear", z_axis)[0]
+            m = resize(mask[None].float(), new_shape, "linear", z_axis)[0]
             better = m > best
             best = torch.where(better, m, best)
             out[better] = c
     return out.numpy().astype(seg.dtype)
+
+
+def resample_bitmask(seg: np.ndarray, new_shape, z_axis: int | None, num_classes: int) -> np.ndarray:
+    """Resample a bitmask (Z, Y, X) class by class (linear, > 0.5); returns the same dtype."""
+    if tuple(seg.shape) == tuple(new_shape):
+        return seg
+    dt = bitmask_dtype(num_classes)
+    src = torch.from_numpy(np.ascontiguousarray(seg).astype(np.int64))
+    out = torch.zeros(tuple(int(s) for s in new_shape), dtype=torch.int64)
+    with torch.no_grad():
+        for c in range(num_classes):
+            mask = (src >> c) & 1
+            if not bool(mask.any()):
+                continue
+            m = resize(mask[None].float(), new_shape, "linear", z_axis)[0]
+            out |= (m > 0.5).long() << c
+    return out.numpy().astype(dt)

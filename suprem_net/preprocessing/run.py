@@ -16,8 +16,8 @@ import numpy as np
 from suprem_net.io.atomic import read_json, write_json
 from suprem_net.io.dataset import Case
 from suprem_net.io.image import read_image
-from suprem_net.preprocessing import bitmask
-from suprem_net.preprocessing.case import preprocess_case, sample_class_locations
+from suprem_net.labels import LabelScheme
+from suprem_net.preprocessing.case import preprocess_case, sample_bitmask_locations, sample_class_locations
 from suprem_net.preprocessing.storage import case_files, save_array
 from suprem_net.parallel import map_cases
 
@@ -64,13 +64,9 @@ def _preprocess_one(args) -> str:
     annotated = args[4] if len(args) > 4 else None  # class numbers annotated in this case (partial labels)
     images, geos = zip(*(read_image(p, dtype=np.float32) for p in case.images))
     label = read_image(case.label, dtype=None)[0] if case.label is not None else None
-    multi_label = bitmask.is_bitmask(plan)
-    if multi_label:
-        seg_dtype = bitmask.bitmask_dtype(plan["num_classes"])
-    else:
-        seg_dtype = np.uint8 if plan["num_classes"] <= 255 else np.uint16
+    scheme = LabelScheme.of(plan)
     if label is not None:
-        label = label.astype(seg_dtype)
+        label = label.astype(scheme.storage_dtype)
     data, seg, props = preprocess_case(list(images), geos[0], plan, label)
     files = case_files(out_dir, case.case_id)
     patch = plan["patch_size"]
@@ -78,7 +74,7 @@ def _preprocess_one(args) -> str:
     save_array(files["image"], data.astype(st["dtype"]), patch, st["codec"], st["clevel"])
     if seg is not None:
         save_array(files["seg"], seg[None], patch, st["codec"], st["clevel"])
-        props["class_locations"] = (bitmask.class_locations(seg, plan["num_classes"]) if multi_label
+        props["class_locations"] = (sample_bitmask_locations(seg, plan["num_classes"]) if scheme.multi_label
                                     else sample_class_locations(seg, plan["num_classes"]))
         if annotated is not None:
             props["annotated_classes"] = annotated
@@ -92,15 +88,16 @@ def annotated_per_case(plan: dict, partial_labels: dict | None) -> dict[str, lis
     """Annotated class numbers of the cases listed in ``partial_labels``, or None when nothing is to be
     recorded. Multi-label plans always record ``annotated_classes``; single-label plans only when the
     dataset has partial labels. Cases not listed annotate every class (:func:`_annotated`)."""
-    if not partial_labels and not bitmask.is_bitmask(plan):
+    scheme = LabelScheme.of(plan)
+    if not partial_labels and not scheme.multi_label:
         return None
-    return {case: bitmask.annotated_classes(plan["labels"], missing) for case, missing in (partial_labels or {}).items()}
+    return {case: scheme.annotated(missing) for case, missing in (partial_labels or {}).items()}
 
 
 def _annotated(table: dict[str, list[int]] | None, plan: dict, case_id: str) -> list[int] | None:
     if table is None:
         return None
-    return table.get(case_id, bitmask.annotated_classes(plan["labels"], None))
+    return table.get(case_id, LabelScheme.of(plan).annotated(None))
 
 
 def preprocess_dataset(cases: list[Case], plan: dict, out_dir: Path, num_workers: int = 2,

@@ -20,7 +20,7 @@ Measured on 2 x86 cores (fp32; the convolutions take 80-90 % of a step, see docs
   benchmark network. Kept, a step has none and takes about 10 % less time.
 
 Together 0.75-0.82x the time per step of the plain eager model on the CPU in two runs of
-``tests/benchmarks/train_step_levers.py`` (see docs/benchmarks.md). Only compile is used on any device (unless switched off); the rest is
+``benchmarks/train_step_levers.py`` (see docs/benchmarks.md). Only compile is used on any device (unless switched off); the rest is
 CPU-specific. On CUDA, cuDNN's autotuner is switched on instead (the patch shape never changes).
 """
 from __future__ import annotations

@@ -9,32 +9,24 @@ from __future__ import annotations
 
 import torch
 
-from suprem_net.preprocessing.bitmask import unpack16
+from suprem_net.labels import LabelScheme, unpack16
 
 
-def scored_classes(plan: dict) -> int:
-    """Number of classes with a pseudo Dice: C for multi-label plans, K-1 for softmax plans."""
-    n = int(plan["num_classes"])
-    return n if plan.get("label_encoding") == "bitmask" else n - 1
-
-
-def confusion_stats(logits: torch.Tensor, target: torch.Tensor, plan: dict,
+def confusion_stats(logits: torch.Tensor, target: torch.Tensor, scheme: LabelScheme,
                     annotated: torch.Tensor | None = None) -> torch.Tensor:
-    """(3, scored_classes) float64: TP, FP, FN per class, summed over the batch."""
-    multi = plan.get("label_encoding") == "bitmask"
-    n = scored_classes(plan)
-    if multi:
+    """(3, C) float64: TP, FP, FN per foreground class, summed over the batch."""
+    n = scheme.num_classes
+    if scheme.multi_label:
         pred = logits > 0
         truth = unpack16(target, n).to(logits.device) > 0.5
-        offset = 0
     else:
         k = logits.shape[1]
         pred = torch.nn.functional.one_hot(logits.argmax(1), k).movedim(-1, 1)[:, 1:].bool()
         truth = torch.nn.functional.one_hot(target[:, 0].long(), k).movedim(-1, 1)[:, 1:].bool()
-        offset = 1
     dims = tuple(range(2, pred.ndim))
     per_sample = torch.stack([(pred & truth).sum(dims), (pred & ~truth).sum(dims), (~pred & truth).sum(dims)])
     per_sample = per_sample.to(torch.float64)  # (3, B, n)
     if annotated is not None:
-        per_sample = per_sample * annotated[:, offset:offset + n].to(per_sample.device, torch.float64)[None]
+        first = scheme.first_scored_output
+        per_sample = per_sample * annotated[:, first:first + n].to(per_sample.device, torch.float64)[None]
     return per_sample.sum(1)

@@ -20,13 +20,14 @@ from suprem_net.data.dataset import CaseStore
 from suprem_net.data.loader import close_loader, make_loader
 from suprem_net.errors import SupremError
 from suprem_net.io.atomic import read_json, write_json
-from suprem_net.networks import build_network
+from suprem_net.labels import LabelScheme
+from suprem_net.losses import make_loss
+from suprem_net.networks import build_network, family_module
 from suprem_net.preprocessing.orientation import network_axes
 from suprem_net.training import checkpoint as ck
 from suprem_net.training.acceleration import compiled, is_compile_failure, prepare_for_training
 from suprem_net.training import distributed as dd
-from suprem_net.training.label_metrics import confusion_stats, scored_classes
-from suprem_net.training.multilabel_loss import make_loss
+from suprem_net.training.label_metrics import confusion_stats
 from suprem_net.training.progress import (
     attach_log_file, detach_log_file, new_history, plot_progress, pseudo_dice, update_ema,
 )
@@ -123,7 +124,7 @@ def load_pretrained_weights(model, plan: dict, name_or_path: str, labels: dict) 
     except ImportError as e:
         raise SupremError(f"--pretrained needs the weights module, which is not available ({e})") from None
     report = load_pretrained(model, name_or_path, family=plan["network"]["family"], target_labels=labels,
-                             target_multi_label=plan.get("label_encoding") == "bitmask")
+                             target_multi_label=LabelScheme.of(plan).multi_label)
     log.info("pretrained %s", report.summary() if hasattr(report, "summary") else report)
     dataset = plan["dataset_name"][7:10].lstrip("0") or "0"
     source_plan = own_model_plan(report.path)
@@ -132,7 +133,7 @@ def load_pretrained_weights(model, plan: dict, name_or_path: str, labels: dict) 
         if differs:
             log.warning("the pre-trained model saw other inputs (%s); re-plan with: suprem_plan_and_preprocess "
                         "-d %s --like %s", "; ".join(differs), dataset, own_model_plan_path(report.path))
-    elif network_axes(plan) != "xyz":
+    elif network_axes(plan) != getattr(family_module(plan["network"]["family"]), "AXES", "xyz"):
         log.warning("the plan %s feeds the network its volumes in (z, y, x) order, transposed from the (x, y, z) "
                     "order the pre-trained backbone learned in (it was written before plans recorded their axis "
                     "order); re-plan with: suprem_plan_and_preprocess -d %s%s --plans-name %s --replan",
@@ -190,6 +191,7 @@ class FoldTraining:
             raise SupremError(f"{plan_path}: no such plan (run suprem_plan_and_preprocess -d ... first, "
                               "or pass --plans NAME)")
         self.plan = effective_plan(read_json(plan_path), cfg, self.dist.world_size)
+        self.labels = LabelScheme.of(self.plan)
         self.dataset_json = pp / "dataset.json"
         self.model_dir = cfg.results_root / cfg.dataset / cfg.plans_name
         self.fold_dir = self.model_dir / f"fold_{cfg.fold}"
@@ -322,7 +324,7 @@ class FoldTraining:
             out = self.model(x)
             loss = self.loss_fn(out, y, annotated)
         logits = out[0] if isinstance(out, (list, tuple)) else out
-        return float(loss.item()), confusion_stats(logits.float(), y, self.plan, annotated)
+        return float(loss.item()), confusion_stats(logits.float(), y, self.labels, annotated)
 
     # ---------------------------------------------------------------- epochs
     def run_epoch(self, epoch: int) -> None:
@@ -346,7 +348,7 @@ class FoldTraining:
         bar.close()
         train_time = time.perf_counter() - t0
         self.model.eval()
-        val_losses, stats = [], torch.zeros(3, scored_classes(self.plan), dtype=torch.float64, device=self.device)
+        val_losses, stats = [], torch.zeros(3, self.labels.num_classes, dtype=torch.float64, device=self.device)
         for _ in range(int(self.tr["num_val_iterations"])):
             tw = time.perf_counter()
             x, y, ann = _to_device(next(self.val_loader), self.device, self.memory_format)
@@ -388,8 +390,7 @@ class FoldTraining:
         if (epoch + 1) % max(1, self.cfg.save_every) == 0 or epoch + 1 == self.epochs:
             self._save("checkpoint_latest.pth", epoch + 1)
         if self.dist.is_main:
-            labels = read_json(self.dataset_json)["labels"]
-            names = [n for n, v in sorted(labels.items(), key=lambda kv: kv[1]) if v != 0]
+            names = list(self.labels.foreground)
             plot_progress(self.history, self.fold_dir / "progress.png", names)
 
     def run(self) -> dict:

@@ -11,7 +11,7 @@ import numpy as np
 from suprem_net.errors import SupremError
 from suprem_net.io.atomic import write_json
 from suprem_net.io.image import read_image, write_image
-from suprem_net.preprocessing.bitmask import channel
+from suprem_net.labels import LabelScheme, channel
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def validate_fold(plan: dict, model, store, case_ids: list[str], out_dir: Path, 
     model.eval()
     predictor = Predictor.from_model(plan, model, device=device, tta=False)
     labels = {name: int(v) for name, v in plan["labels"].items() if int(v) != 0}
-    multi = plan.get("label_encoding") == "bitmask"  # multi-label: score every class's own mask
+    multi = LabelScheme.of(plan).multi_label  # multi-label: score every class's own mask
     cases = []
     for case_id in case_ids:
         props = store.properties(case_id)

@@ -15,16 +15,14 @@ from suprem_net.weights.loading import (
     resolve_checkpoint,
 )
 from suprem_net.weights.registry import (
-    ABDOMENATLAS_25,
     REGISTRY,
-    UNIVERSAL_32,
     CheckpointEntry,
     get_entry,
     names,
 )
 
 __all__ = [
-    "ABDOMENATLAS_25", "UNIVERSAL_32", "REGISTRY", "CheckpointEntry", "LoadReport", "canonical_name",
+    "REGISTRY", "CheckpointEntry", "LoadReport", "canonical_name",
     "get_entry", "import_file", "load_pretrained", "local_path", "match_classes", "model_family", "names",
     "read_state_dict", "resolve_checkpoint", "transfer_head", "verify_cache", "weights_dir",
 ]

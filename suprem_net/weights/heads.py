@@ -31,6 +31,8 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from suprem_net.labels import LabelScheme
+
 logger = logging.getLogger(__name__)
 
 # base-name synonyms -> canonical AbdomenAtlas / Universal-Model name (after normalisation)
@@ -152,7 +154,7 @@ def own_model_plan(checkpoint: str | Path) -> dict | None:
 
 def own_model_labels(plan: dict) -> tuple[dict, bool]:
     """``(labels, multi_label)`` of one of our plans."""
-    return dict(plan["labels"]), plan.get("label_encoding") == "bitmask"
+    return dict(plan["labels"]), LabelScheme.of(plan).multi_label
 
 
 def label_channels(labels: Mapping[str, object], multi_label: bool) -> dict[str, int]:

@@ -6,29 +6,13 @@ One :class:`CheckpointEntry` per downloadable file. ``family`` / ``kwargs`` say 
 (state-dict entries, buffers included) that must load, or the load is refused. ``size`` (bytes)
 and ``sha256`` are the file's where known; ``checksum_note`` says where they come from and whether
 they were checked.
-
-Class orders (facts §4): the AbdomenAtlas 1.1 order (25 organs; the SuPreM pre-training script)
-and the CLIP-Driven Universal Model order (25 organs + 7 tumours/cyst; the head order of the
-published SuPreM/Universal checkpoints). In both lists, position i is output channel i.
+The class orders of the heads (``ABDOMENATLAS_25``, ``UNIVERSAL_32``) live in :mod:`suprem_net.labels`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-ABDOMENATLAS_25: tuple[str, ...] = (
-    "aorta", "gall_bladder", "kidney_left", "kidney_right", "liver", "pancreas", "postcava", "spleen",
-    "stomach", "adrenal_gland_left", "adrenal_gland_right", "bladder", "celiac_trunk", "colon", "duodenum",
-    "esophagus", "femur_left", "femur_right", "hepatic_vessel", "intestine", "lung_left", "lung_right",
-    "portal_vein_and_splenic_vein", "prostate", "rectum",
-)
-
-UNIVERSAL_32: tuple[str, ...] = (
-    "spleen", "kidney_right", "kidney_left", "gall_bladder", "esophagus", "liver", "stomach", "aorta",
-    "postcava", "portal_vein_and_splenic_vein", "pancreas", "adrenal_gland_right", "adrenal_gland_left",
-    "duodenum", "hepatic_vessel", "lung_right", "lung_left", "colon", "intestine", "rectum", "bladder",
-    "prostate", "femur_left", "femur_right", "celiac_truck", "kidney_tumor", "liver_tumor", "pancreas_tumor",
-    "hepatic_vessel_tumor", "lung_tumor", "colon_tumor", "kidney_cyst",
-)
+from suprem_net.labels import ABDOMENATLAS_25, UNIVERSAL_32
 
 HF_BASE = "https://huggingface.co/MrGiovanni/SuPreM/resolve/main/"
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from suprem_net.synthetic import SyntheticSpec, write_raw_dataset
-from tests.conftest import shrink_plan, write_model_dir
-from tests.robustness._util import DS, TINY_NET
+from tests.helpers import shrink_plan, write_model_dir
+from tests.helpers import DS, TINY_NET
 
 # coarse spacing: every volume is about 10 x 16 x 16 voxels, so each CLI run takes well under a second
 SMALL = SyntheticSpec(num_cases=3, num_classes=2, fov_mm=(60.0, 80.0, 80.0), inplane_spacing=(5.0, 5.0),
@@ -37,7 +37,7 @@ def model_dir(tmp_path_factory, _raw_template) -> Path:
 
 
 @pytest.fixture
-def test_images(_raw_template) -> Path:
+def unlabelled_images(_raw_template) -> Path:
     """Two unlabelled images ``case_003_0000.nii.gz``, ``case_004_0000.nii.gz`` (read only: copy before changing)."""
     return _raw_template / DS / "imagesTs"
 

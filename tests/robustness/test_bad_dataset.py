@@ -14,7 +14,7 @@ import SimpleITK as sitk
 
 from suprem_net.cli.plan_and_preprocess import main
 from suprem_net.io.image import Geometry, read_image, write_image
-from tests.robustness._util import assert_user_error, files_under, run_cli, tree_digest
+from tests.helpers import assert_user_error, files_under, run_cli, tree_digest
 
 IMG = "imagesTr/case_001_0000.nii.gz"
 LAB = "labelsTr/case_001.nii.gz"

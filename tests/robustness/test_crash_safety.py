@@ -21,7 +21,7 @@ from suprem_net.data.dataset import CaseStore
 from suprem_net.io.image import read_image
 from suprem_net.preprocessing.storage import finished_cases, open_array
 from suprem_net.synthetic import SyntheticSpec, write_raw_dataset
-from tests.robustness._util import DS
+from tests.helpers import DS
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
 REPO = Path(__file__).parents[2]
@@ -59,6 +59,7 @@ def _tmp_files(folder: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------ preprocessing
+@pytest.mark.slow
 def test_sigkill_during_preprocessing_then_rerun(tmp_path):
     workers, n = "2", 6
     spec = SyntheticSpec(num_cases=n, num_classes=2, fov_mm=(80.0, 120.0, 120.0), inplane_spacing=(2.0, 2.5),
@@ -97,11 +98,12 @@ def test_sigkill_during_preprocessing_then_rerun(tmp_path):
 
 
 # ------------------------------------------------------------------ prediction
-def test_sigkill_during_prediction_then_rerun(model_dir, test_images, tmp_path):
+@pytest.mark.slow
+def test_sigkill_during_prediction_then_rerun(model_dir, unlabelled_images, tmp_path):
     inp = tmp_path / "in"
     inp.mkdir()
     for i in range(8):
-        shutil.copy(test_images / "case_003_0000.nii.gz", inp / f"case{i:02d}_0000.nii.gz")
+        shutil.copy(unlabelled_images / "case_003_0000.nii.gz", inp / f"case{i:02d}_0000.nii.gz")
     module = "suprem_net.cli.predict"
 
     def argv(out: Path) -> list[str]:
@@ -125,6 +127,7 @@ def test_sigkill_during_prediction_then_rerun(model_dir, test_images, tmp_path):
 
 
 # ------------------------------------------------------------------ training
+@pytest.mark.slow
 def test_sigkill_during_training_then_continue(train_root, tmp_path):
     results = tmp_path / "results"
     fold = results / DS / "suprem_plans" / "fold_0"

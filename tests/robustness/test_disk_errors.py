@@ -19,7 +19,7 @@ from suprem_net.cli.plan_and_preprocess import main as plan_main
 from suprem_net.cli.predict import main as predict_main
 from suprem_net.io.image import read_image
 from suprem_net.preprocessing.storage import open_array
-from tests.robustness._util import DS, assert_user_error, files_under, no_partial_files, run_cli, tree_digest
+from tests.helpers import DS, assert_user_error, files_under, no_partial_files, run_cli, tree_digest
 
 
 def _plan_argv(raw: Path, pp: Path, *extra: str) -> list[str]:
@@ -63,10 +63,10 @@ def test_preprocessed_folder_below_a_file(raw, tmp_path, capsys):
     assert tree_digest(raw) == before and blocker.read_text() == "a regular file, not a folder"
 
 
-def test_predict_output_below_a_file(model_dir, test_images, tmp_path, capsys):
+def test_predict_output_below_a_file(model_dir, unlabelled_images, tmp_path, capsys):
     blocker = tmp_path / "blocker"
     blocker.write_text("x")
-    code, _, err = run_cli(predict_main, ["-i", str(test_images), "-o", str(blocker / "out"), "-m", str(model_dir),
+    code, _, err = run_cli(predict_main, ["-i", str(unlabelled_images), "-o", str(blocker / "out"), "-m", str(model_dir),
                                           "--no-tta"], capsys)
     assert_user_error(code, err, str(blocker / "out"), "Not a directory")
 
@@ -82,11 +82,11 @@ def test_evaluate_summary_below_a_file(raw, tmp_path, capsys):
     assert tree_digest(labels) == before
 
 
-def test_output_is_an_existing_folder(model_dir, test_images, tmp_path, capsys):
+def test_output_is_an_existing_folder(model_dir, unlabelled_images, tmp_path, capsys):
     """-o seg.nii.gz where seg.nii.gz is a folder: refused, the folder is left alone."""
     out = tmp_path / "seg.nii.gz"
     (out / "keep").mkdir(parents=True)
-    code, _, err = run_cli(predict_main, ["-i", str(test_images / "case_003_0000.nii.gz"), "-o", str(out),
+    code, _, err = run_cli(predict_main, ["-i", str(unlabelled_images / "case_003_0000.nii.gz"), "-o", str(out),
                                           "-m", str(model_dir), "--no-tta"], capsys)
     assert_user_error(code, err, str(out), "is a folder")
     assert (out / "keep").is_dir() and files_under(out) == []
@@ -106,16 +106,16 @@ def test_preprocessing_on_a_full_disk(raw, tmp_path, max_bytes):
     _assert_complete_outputs(pp)
 
 
-def test_prediction_on_a_full_disk(model_dir, test_images, tmp_path):
+def test_prediction_on_a_full_disk(model_dir, unlabelled_images, tmp_path):
     """ITK's NIfTI writer does not report a short write: the written file is checked instead."""
     out = tmp_path / "out"
-    before = tree_digest(test_images)
-    r = _run_limited("suprem_net.cli.predict", ["-i", str(test_images), "-o", str(out), "-m", str(model_dir),
+    before = tree_digest(unlabelled_images)
+    r = _run_limited("suprem_net.cli.predict", ["-i", str(unlabelled_images), "-o", str(out), "-m", str(model_dir),
                                                 "--no-tta"], 64)
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode == 2, r.stderr[-3000:]
     assert len(lines) == 1 and str(out) in lines[0] and "disk full" in lines[0], r.stderr[-3000:]
-    assert tree_digest(test_images) == before
+    assert tree_digest(unlabelled_images) == before
     assert files_under(out) == []
 
 
@@ -146,10 +146,10 @@ def test_preprocessing_write_errors_in_process(suffix, err, raw, tmp_path, capsy
     assert len(list((pp / DS / "suprem_plans").glob("case_*_seg.b2nd"))) == 3
 
 
-def test_prediction_write_error_in_process(model_dir, test_images, tmp_path, capsys, monkeypatch):
+def test_prediction_write_error_in_process(model_dir, unlabelled_images, tmp_path, capsys, monkeypatch):
     _fail_replace_onto("case_003.nii.gz", errno.ENOSPC, monkeypatch)
     out = tmp_path / "out"
-    code, _, err = run_cli(predict_main, ["-i", str(test_images), "-o", str(out), "-m", str(model_dir),
+    code, _, err = run_cli(predict_main, ["-i", str(unlabelled_images), "-o", str(out), "-m", str(model_dir),
                                           "--no-tta", "--save-probabilities"], capsys)
     assert_user_error(code, err, str(out / "case_003.nii.gz"), "No space left on device")
     no_partial_files(out)

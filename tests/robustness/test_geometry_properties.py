@@ -122,17 +122,18 @@ def test_reorient_restore_exact(perm, signs, shape, target, lead):
 
 
 @SETTINGS
-@given(geo=geometries(oblique=False), orientation=st.sampled_from([None, "RAS", "LPS"]), seed=st.integers(0, 2 ** 16))
-def test_preprocess_then_revert_at_native_spacing_is_exact(geo, orientation, seed):
+@given(geo=geometries(oblique=False), orientation=st.sampled_from([None, "RAS", "LPS"]), axes=st.sampled_from(["xyz", "zyx"]),
+       seed=st.integers(0, 2 ** 16))
+def test_preprocess_then_revert_at_native_spacing_is_exact(geo, orientation, axes, seed):
     rng = np.random.default_rng(seed)
     image = rng.normal(size=geo.shape).astype(np.float32)
     labels = rng.integers(0, 4, size=geo.shape).astype(np.uint8)
     image[labels == 0] = 0  # a zero border makes the crop do something
-    plan = {"orientation": orientation, "normalization": [{"scheme": "zscore"}],
-            "target_spacing": list(ori.reorient_spacing(geo.spacing, ori.orientation_transform(geo.direction,
-                                                                                               orientation))
-                                   if orientation else geo.spacing),
-            "resampling": {"anisotropy_threshold": 3.0}, "num_classes": 4}
+    transform = ori.orientation_transform(geo.direction, orientation, axes)
+    plan = {"orientation": orientation, "axes": axes, "normalization": [{"scheme": "zscore"}],
+            "target_spacing": list(ori.reorient_spacing(geo.spacing, transform) if transform else geo.spacing),
+            "resampling": {"anisotropy_threshold": 3.0}, "num_classes": 4,
+            "labels": {"background": 0, "a": 1, "b": 2, "c": 3}}
     data, seg, props = preprocess_case([image], geo, plan, labels)
     assert list(data.shape[1:]) == props["shape_after_resample"] == props["shape_after_crop"]
     back = revert_labels(seg, props)

@@ -17,8 +17,8 @@ from suprem_net.cli.predict import main as predict_main
 from suprem_net.cli.train import main as train_main
 from suprem_net.cli.weights import main as weights_main
 from suprem_net.io.image import read_image, write_image
-from tests.conftest import write_dicom_series
-from tests.robustness._util import DS, assert_user_error, files_under, run_cli, tree_digest
+from tests.helpers import write_dicom_series
+from tests.helpers import DS, assert_user_error, files_under, run_cli, tree_digest
 
 
 class Payload:
@@ -80,9 +80,9 @@ PREDICT_INPUTS = ["corrupt_gzip", "truncated_gzip", "truncated_nii", "zero_byte"
 
 
 @pytest.mark.parametrize("kind", PREDICT_INPUTS)
-def test_predict_bad_input(kind, model_dir, test_images, tmp_path, capsys):
+def test_predict_bad_input(kind, model_dir, unlabelled_images, tmp_path, capsys):
     inp, out = tmp_path / "in", tmp_path / "out"
-    path, problem = _bad_input(kind, inp, test_images / "case_003_0000.nii.gz")
+    path, problem = _bad_input(kind, inp, unlabelled_images / "case_003_0000.nii.gz")
     before = tree_digest(inp)
     code, _, err = run_cli(predict_main, ["-i", str(inp), "-o", str(out), "-m", str(model_dir), "--no-tta"], capsys)
     assert_user_error(code, err, str(path), problem)
@@ -90,10 +90,10 @@ def test_predict_bad_input(kind, model_dir, test_images, tmp_path, capsys):
     assert files_under(out) == []
 
 
-def test_predict_constant_image_does_not_crash(model_dir, test_images, tmp_path, capsys):
+def test_predict_constant_image_does_not_crash(model_dir, unlabelled_images, tmp_path, capsys):
     """A blank (constant) scan is predicted (normalisation guards std = 0); the output has its geometry."""
     inp, out = tmp_path / "in", tmp_path / "out"
-    f = _put(inp, test_images / "case_003_0000.nii.gz")
+    f = _put(inp, unlabelled_images / "case_003_0000.nii.gz")
     arr, geo = read_image(f, dtype=None)
     write_image(f, np.full_like(arr, -1000), geo)
     code, _, err = run_cli(predict_main, ["-i", str(inp), "-o", str(out), "-m", str(model_dir), "--no-tta"], capsys)
@@ -155,20 +155,20 @@ HOSTILE_CHECKPOINTS = {"pickled_code": _checkpoint_pickled_code, "wrong_shapes":
 
 
 @pytest.mark.parametrize("kind", list(HOSTILE_CHECKPOINTS))
-def test_predict_hostile_checkpoint(kind, model_dir, test_images, tmp_path, capsys):
+def test_predict_hostile_checkpoint(kind, model_dir, unlabelled_images, tmp_path, capsys):
     md = _copy_model(model_dir, tmp_path)
     ckpt = md / "fold_0" / "checkpoint_final.pth"
     problem = HOSTILE_CHECKPOINTS[kind](ckpt)
     before = tree_digest(md)
     out = tmp_path / "out"
-    code, out_text, err = run_cli(predict_main, ["-i", str(test_images), "-o", str(out), "-m", str(md)], capsys)
+    code, out_text, err = run_cli(predict_main, ["-i", str(unlabelled_images), "-o", str(out), "-m", str(md)], capsys)
     assert_user_error(code, err, str(ckpt), problem)
     assert "pwned" not in out_text + err  # the pickled payload never ran
     assert tree_digest(md) == before and files_under(out) == []
 
 
 @pytest.mark.parametrize("kind", ["plans_not_json", "plans_missing"])
-def test_predict_broken_plans(kind, model_dir, test_images, tmp_path, capsys):
+def test_predict_broken_plans(kind, model_dir, unlabelled_images, tmp_path, capsys):
     md = _copy_model(model_dir, tmp_path)
     if kind == "plans_not_json":
         (md / "plans.json").write_text("{ nope")
@@ -177,7 +177,7 @@ def test_predict_broken_plans(kind, model_dir, test_images, tmp_path, capsys):
         (md / "plans.json").unlink()
         problem = "file not found"
     out = tmp_path / "out"
-    code, _, err = run_cli(predict_main, ["-i", str(test_images), "-o", str(out), "-m", str(md)], capsys)
+    code, _, err = run_cli(predict_main, ["-i", str(unlabelled_images), "-o", str(out), "-m", str(md)], capsys)
     assert_user_error(code, err, str(md / "plans.json"), problem)
     assert files_under(out) == []
 

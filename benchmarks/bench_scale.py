@@ -1,6 +1,6 @@
 """How suprem_net scales with the number of cases on one machine (issue 9, part 3).
 
-    python -m tests.benchmarks.bench_scale [--cases 50 200 500] [--workers 2] [--batches 150]
+    python -m benchmarks.bench_scale [--cases 50 200 500] [--workers 2] [--batches 150]
                                            [--realistic] [--out DIR]
 
 On small synthetic CT cases (80 x 120 x 120 mm, 2-2.5 mm in-plane, 2.5-4 mm slices, 10 organs)
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.benchmarks._harness import folder_bytes, run_measured
+from benchmarks._harness import folder_bytes, run_measured
 
 BASE_ID = 960
 PRESET = "suprem_unet"
@@ -125,7 +125,7 @@ def _loader_runs(ns, data_dir: Path, plan_path: Path, args) -> list[dict]:
     out = []
     for n in ns:
         cache = ["--cache-cases", str(args.cache_cases)] if getattr(args, "cache_cases", None) else []
-        r = run_measured([sys.executable, "-m", "tests.benchmarks.bench_scale", "--loader-workers",
+        r = run_measured([sys.executable, "-m", "benchmarks.bench_scale", "--loader-workers",
                           str(args.loader_workers), *cache, "--_loader_child", str(data_dir), str(plan_path), str(n),
                           str(args.batches)])
         line = [ln for ln in r["output"].splitlines() if ln.startswith("RESULT ")][-1]

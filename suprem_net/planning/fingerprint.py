@@ -13,9 +13,10 @@ import numpy as np
 
 from suprem_net.io.dataset import Case, RawDataset
 from suprem_net.io.image import read_image
+from suprem_net.labels import LabelScheme, class_counts
 from suprem_net.parallel import map_cases
 from suprem_net.preprocessing.case import nonzero_bbox
-from suprem_net.verify import IntegrityError, voxel_problems
+from suprem_net.planning.verify import IntegrityError, voxel_problems
 
 log = logging.getLogger(__name__)
 MAX_TOTAL_SAMPLES = 10_000_000
@@ -36,8 +37,6 @@ def _analyze_case(args) -> dict:
     bbox = nonzero_bbox(data)
     voxel_ml = float(np.prod(geo.spacing)) / 1000.0
     if n_bits is not None:  # voxels per class bit; a voxel may count for several classes
-        from suprem_net.preprocessing.bitmask import class_counts
-
         label = label.astype(np.int64)
         counts = np.array([0] + class_counts(label, n_bits))
     else:
@@ -74,7 +73,8 @@ def compute_fingerprint(ds: RawDataset, cases: list[Case], num_workers: int = 2)
     """Read every training case once; raise IntegrityError listing all voxel-level problems."""
     n_samples = max(1, MAX_TOTAL_SAMPLES // max(1, len(cases)))
     allowed = set(ds.labels.values())
-    n_bits = len(ds.labels) - 1 if ds.spec.get("label_encoding") == "bitmask" else None
+    scheme = LabelScheme.of(ds.spec)
+    n_bits = scheme.num_classes if scheme.multi_label else None
     jobs = [(c, i, n_samples, allowed, ds.labels, n_bits) for i, c in enumerate(cases)]
     results = map_cases(_analyze_case, jobs, num_workers, "fingerprint")
     problems = [p for r in results for p in r["problems"]]

@@ -1,8 +1,8 @@
 """Does supervised pre-training transfer? Pre-train on a synthetic atlas, fine-tune on a small new
 task, and compare with training the same network from scratch on the same budget.
 
-    python -m tests.benchmarks.transfer_study            # about 30 minutes on 2 cores; writes docs/transfer.md
-    python -m tests.benchmarks.transfer_study --quick    # the mechanics in a few minutes (not the gain)
+    python -m benchmarks.transfer_study            # about 30 minutes on 2 cores; writes docs/transfer.md
+    python -m benchmarks.transfer_study --quick    # the mechanics in a few minutes (not the gain)
 
 Every step is the user's own command: ``suprem_plan_and_preprocess`` on the atlas, ``suprem_train``
 (pre-training), ``suprem_plan_and_preprocess --like`` on the target (the atlas's spacing,
@@ -27,7 +27,7 @@ import numpy as np
 from suprem_net.io.atomic import write_json
 from suprem_net.synthetic import ORGAN_NAMES, SyntheticSpec, write_raw_dataset
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 ATLAS_ID, TARGET_ID = 960, 961
 ATLAS = f"Dataset{ATLAS_ID}_SynthAtlas"
 TARGET = f"Dataset{TARGET_ID}_SynthTarget"
@@ -348,7 +348,7 @@ def write_report(result: dict, folder: Path, quick: bool) -> Path:
     n_main = 2 if 2 in s["sizes"] else s["sizes"][0]
     target = g[n_main]["gain"][0] >= 0.10
     groups = class_group_gains(result, n_main)
-    cmd = "python -m tests.benchmarks.transfer_study" + (" --quick" if quick else "")
+    cmd = "python -m benchmarks.transfer_study" + (" --quick" if quick else "")
     lines = [
         "# Does pre-training transfer? Fine-tuning against training from scratch",
         "",

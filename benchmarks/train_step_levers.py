@@ -2,7 +2,7 @@
 (PlainConvUNet 32-256, patch 24x48x48, batch 2, deep supervision, SGD, gradient clipping) on
 random data, without the data loader:
 
-    python -m tests.benchmarks.train_step_levers [--rounds 3] [--steps 8]
+    python -m benchmarks.train_step_levers [--rounds 3] [--steps 8]
 
 Each setting runs in its own process (the allocator setting cannot be undone in a process), the
 settings alternate round by round, and the median time per step of each is reported relative to
@@ -39,7 +39,7 @@ def time_steps(levers: list[str], steps: int) -> float:
 
     from suprem_net.networks import build_network
     from suprem_net.training import acceleration as acc
-    from suprem_net.training.losses import SegmentationLoss
+    from suprem_net.losses import SegmentationLoss
 
     torch.manual_seed(0)
     model = build_network(NETWORK, 1, CLASSES)
@@ -52,7 +52,7 @@ def time_steps(levers: list[str], steps: int) -> float:
         acc.upsampling_as_matmuls(model)
     if "memory" in levers:
         assert acc.keep_freed_memory()
-    loss_fn = SegmentationLoss(NETWORK["kwargs"]["strides"])
+    loss_fn = SegmentationLoss()
     net = model
     if "compile" in levers:
         net, loss_fn = torch.compile(model, dynamic=False), torch.compile(loss_fn, dynamic=False)
@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
     times: dict[str, list[float]] = {name: [] for name in SETTINGS}
     for _ in range(args.rounds):
         for name in SETTINGS:
-            out = subprocess.run([sys.executable, "-m", "tests.benchmarks.train_step_levers", "--one", name,
+            out = subprocess.run([sys.executable, "-m", "benchmarks.train_step_levers", "--one", name,
                                   "--steps", str(args.steps)], check=True, capture_output=True, text=True).stdout
             times[name].append(float(out.split("RESULT", 1)[1].split()[0]))
     base = float(np.median(times[next(iter(SETTINGS))]))

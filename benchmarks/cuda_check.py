@@ -1,6 +1,6 @@
 """The checks that need a CUDA GPU, in one run (CI has none; see docs/benchmarks.md, "On a GPU").
 
-    python -m tests.benchmarks.cuda_check --out DIR [--work DIR] [--stages memory,train] [--device cuda]
+    python -m benchmarks.cuda_check --out DIR [--work DIR] [--stages memory,train] [--device cuda]
 
 * ``memory``: for each family, the plan ``suprem_plan_and_preprocess --device cuda`` makes for a
   typical abdominal CT dataset (8 GB budget), and one real training step of it as the trainer runs
@@ -35,10 +35,10 @@ from suprem_net.io.image import read_image
 from suprem_net.networks import build_network
 from suprem_net.planning.planner import make_plan
 from suprem_net.synthetic import SyntheticSpec, ct_fingerprint, write_raw_dataset
-from suprem_net.training.multilabel_loss import make_loss
+from suprem_net.losses import make_loss
 from suprem_net.training.schedules import make_optimizer
 from suprem_net.training.trainer import parameter_groups
-from tests.benchmarks._harness import run_measured
+from benchmarks._harness import run_measured
 
 # a typical abdominal CT collection: 2.5 mm slices, 0.8 mm in-plane, 13 organs
 CT_SPEC = {"channel_names": {"0": "CT"}, "labels": {"background": 0, **{f"organ{i}": i for i in range(1, 14)}},

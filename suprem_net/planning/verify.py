@@ -12,6 +12,7 @@ import numpy as np
 from suprem_net.errors import InputError, SupremError
 from suprem_net.io.dataset import SAFE_CASE_ID, RawDataset
 from suprem_net.io.image import IMAGE_ENDINGS, has_nonfinite, read_header, strip_ending
+from suprem_net.labels import value_problem
 
 
 class IntegrityError(SupremError):
@@ -101,8 +102,6 @@ def voxel_problems(case_id: str, image_paths, images: list[np.ndarray], label_pa
         elif im.size and im.min() == im.max():
             problems.append(f"{p}: image is constant (every voxel is {float(im.flat[0]):g}): an empty or failed export?")
     if bitmask_classes is not None:
-        from suprem_net.preprocessing.bitmask import value_problem
-
         problem = value_problem(label, bitmask_classes)
         return problems + ([f"{label_path}: {problem}"] if problem else [])
     if np.issubdtype(label.dtype, np.floating) and not np.array_equal(label, np.round(label)):

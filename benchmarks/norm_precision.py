@@ -9,7 +9,7 @@ as ``suprem_train`` prepares them for the CPU:
    against contiguous, with a control: contiguous on one thread instead of two (a different
    summation order, the noise floor every run already has).
 
-    python -m tests.benchmarks.norm_precision [--steps 20] [--patch 32] [--out norm_precision.json]
+    python -m benchmarks.norm_precision [--steps 20] [--patch 32] [--out norm_precision.json]
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from suprem_net.io.atomic import read_json
 from suprem_net.networks import build_network
 from suprem_net.synthetic import SyntheticSpec, write_raw_dataset
 from suprem_net.training.acceleration import prepare_for_training
-from suprem_net.training.multilabel_loss import make_loss
+from suprem_net.losses import make_loss
 from suprem_net.training.schedules import make_optimizer
 
 PRESETS = ("suprem_unet", "suprem_segresnet")

@@ -1,7 +1,7 @@
 """Side by side: suprem_plan_and_preprocess vs nnUNetv2_plan_and_preprocess on the same generated
 dataset, same machine, same number of worker processes, in one run.
 
-    python -m tests.benchmarks.bench_preprocess [--cases 12] [--workers 2] [--out DIR]
+    python -m benchmarks.bench_preprocess [--cases 12] [--workers 2] [--out DIR]
 
 Prints wall time, peak memory (summed RSS of the process tree) and disk size of the
 preprocessed data, and the ratios ours / nnU-Net's. nnU-Net runs twice: its default
@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from suprem_net.synthetic import SyntheticSpec, write_raw_dataset
-from tests.benchmarks._harness import ensure_nnunet_env, folder_bytes, ratio, run_measured
+from benchmarks._harness import ensure_nnunet_env, folder_bytes, ratio, run_measured
 
 DATASET_ID = 950
 

@@ -1,6 +1,6 @@
 """Same weights, side by side: nnUNetv2_predict vs suprem_predict --nnunet-model.
 
-    python -m tests.benchmarks.nnunet_agreement [--work DIR] [--cases 6] [--test 2] [--epochs 4]
+    python -m benchmarks.nnunet_agreement [--work DIR] [--cases 6] [--test 2] [--epochs 4]
 
 1. writes a small synthetic CT dataset (anisotropic: nnU-Net's separate-z rule applies),
 2. plans it with ``nnUNetv2_plan_and_preprocess -c 3d_fullres --no_pp``, shrinks the
@@ -11,7 +11,7 @@
    with and without mirroring TTA, step 0.5, and reports per-class Dice between the outputs.
 
 Every stage is skipped when its output already exists in ``--work`` (rerun cheaply).
-nnU-Net runs in its own venv (tests/benchmarks/_harness.py); it is never imported here.
+nnU-Net runs in its own venv (benchmarks/_harness.py); it is never imported here.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from suprem_net.synthetic import SyntheticSpec, write_raw_dataset
-from tests.benchmarks._harness import REPO, ensure_nnunet_env, run_measured
+from benchmarks._harness import REPO, ensure_nnunet_env, run_measured
 
 DATASET_ID = 951
 DATASET = f"Dataset{DATASET_ID:03d}_SynthAbdomen"
@@ -35,7 +35,7 @@ if not SHIMS.is_dir():
     SHIMS = REPO.parent / "shared" / "tools" / "nnunet-cpu-shims"
 
 TRAINER_SRC = '''\
-"""Benchmark-only trainer written by suprem_net's tests/benchmarks/nnunet_agreement.py:
+"""Benchmark-only trainer written by suprem_net's benchmarks/nnunet_agreement.py:
 a few short epochs on CPU, no final validation."""
 import os
 

@@ -2,7 +2,7 @@
 same network (PlainConvUNet, same topology), patch and batch size, same data, same machine, in
 one run; plus the share of each step spent waiting for data.
 
-    python -m tests.benchmarks.bench_train [--cases 8] [--iterations 20] [--workers 1] [--repeats 5]
+    python -m benchmarks.bench_train [--cases 8] [--iterations 20] [--workers 1] [--repeats 5]
                                            [--device cpu|cuda] [--inplane-spacing 2.4 3.2] [--z-spacing 2.5 5]
 
 Both tools plan and preprocess the same generated dataset; nnU-Net's 3d_fullres plan is then
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from suprem_net.synthetic import SyntheticSpec, write_raw_dataset
-from tests.benchmarks._harness import REPO, ensure_nnunet_env, ratio, run_measured
+from benchmarks._harness import REPO, ensure_nnunet_env, ratio, run_measured
 
 DATASET_ID = 952
 SHIMS = REPO.parent / "shared" / "tools" / "nnunet-cpu-shims"

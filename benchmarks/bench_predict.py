@@ -5,7 +5,7 @@ overlap 0.5 with Gaussian weighting (sigma = patch / 8), same tile batch size, T
 Also times the whole ``Predictor.predict_case`` (preprocessing + window + revert to the
 original grid). Not part of the test suite::
 
-    python -m tests.benchmarks.bench_predict [--small-network] [--repeats 2]
+    python -m benchmarks.bench_predict [--small-network] [--repeats 2]
 """
 from __future__ import annotations
 

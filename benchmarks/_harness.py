@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 NNUNET_VENV = REPO / ".bench" / "venv"
 
 
