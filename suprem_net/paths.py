@@ -50,3 +50,11 @@ def resolve_dataset_name(dataset: str, raw_root: Path, preprocessed_root: Path |
     if len(candidates) > 1:
         raise SupremError(f"dataset {dataset}: several folders match: {', '.join(sorted(candidates))}")
     return candidates.pop()
+
+
+def dataset_number(name: str) -> str:
+    """``Dataset003_Liver`` -> ``"3"``: the number a command's ``-d`` takes."""
+    m = re.fullmatch(r"Dataset(\d{3})_.+", name)
+    if m is None:
+        raise ValueError(f"not a dataset folder name: {name!r}")
+    return str(int(m.group(1)))

@@ -153,7 +153,7 @@ def test_zero_shot_predictor_feeds_the_network_the_upstream_tensor(tmp_path, mon
     """End to end through the Predictor with a network that records its input: one tile, so the
     logits are the network's own output on exactly the tensor the upstream pipeline builds."""
     from suprem_net.inference.predictor import Predictor
-    from suprem_net.planning.presets import load_preset
+    from suprem_net.presets import load_preset
 
     img = nifti(marker_volume(shape=(32, 32, 32)), AFFINES["oblique"], tmp_path / "ct.nii.gz")
     expected = torch.from_numpy(upstream_input(img))[None, None]

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from suprem_net.errors import SupremError
-from suprem_net.networks import build_network, family_module
+from suprem_net.networks import build_network, get_family
 from suprem_net.networks.swinunetr import SwinPatchMerging
 from suprem_net.networks.suprem_unet import ContBatchNorm3d
 
@@ -17,9 +17,9 @@ def n_params(model: nn.Module, skip_prefix: str | None = None) -> int:
 
 
 def test_divisors():
-    assert family_module("suprem_unet").DIVISOR == 8
-    assert family_module("swinunetr").DIVISOR == 32
-    assert family_module("segresnet").DIVISOR == 8
+    assert get_family("suprem_unet").divisor == 8
+    assert get_family("swinunetr").divisor == 32
+    assert get_family("segresnet").divisor == 8
 
 
 def test_unet_architecture(unet):
@@ -124,7 +124,7 @@ def test_dodnet_architecture():
     from suprem_net.networks.dodnet import WSConv3d
 
     m = build_network({"family": "dodnet", "kwargs": {}}, 1, 4)
-    assert family_module("dodnet").DIVISOR == 16
+    assert get_family("dodnet").divisor == 16
     assert n_params(m, "cls_conv.") == 17_285_920  # the model table's 17.29M
     sd = m.state_dict()
     assert len([k for k in sd if not k.startswith("cls_conv.")]) == 103
@@ -145,7 +145,7 @@ def test_dodnet_architecture():
 
 def test_med3d_architecture():
     m = build_network({"family": "med3d", "kwargs": {}}, 1, 2)
-    assert family_module("med3d").DIVISOR == 8
+    assert get_family("med3d").divisor == 8
     assert n_params(m) == 85_753_376  # the model table's 85.75M
     assert n_params(m, "conv_seg.") == 85_201_216
     sd = m.state_dict()

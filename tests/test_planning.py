@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 
 from suprem_net.errors import SupremError
+from suprem_net.networks import get_family
 from suprem_net.planning.memory import measure_step
 from suprem_net.planning.planner import make_plan, target_spacing
-from suprem_net.planning.presets import load_preset, preset_names
+from suprem_net.presets import load_preset, preset_names
 from suprem_net.planning.topology import nnunet_kwargs, pool_and_conv_props
 from suprem_net.synthetic import ct_fingerprint
 
@@ -34,12 +35,12 @@ def test_topology_pools_fine_axes_first():
     strides, kernels, padded, div = pool_and_conv_props([4.0, 1.0, 1.0], [20, 160, 160])
     assert strides[1] == [1, 2, 2] and kernels[0] == [1, 3, 3]  # the coarse z axis is neither pooled nor convolved
     assert all(p % d == 0 for p, d in zip(padded, div))
-    kw, _ = nnunet_kwargs("nnunet", [1, 1, 1], [64, 64, 64])
+    kw, _ = nnunet_kwargs(get_family("nnunet"), [1, 1, 1], [64, 64, 64])
     assert kw["features_per_stage"][:3] == [32, 64, 128] and max(kw["features_per_stage"]) <= 320
 
 
 def test_memory_model_is_measured_and_scales():
-    kw, patch = nnunet_kwargs("nnunet", [1, 1, 1], [32, 32, 32])
+    kw, patch = nnunet_kwargs(get_family("nnunet"), [1, 1, 1], [32, 32, 32])
     net = {"family": "nnunet", "kwargs": kw, "deep_supervision": True}
     m2 = measure_step(net, 1, 3, patch, 2)
     m4 = measure_step(net, 1, 3, patch, 4)
@@ -68,7 +69,7 @@ def test_mixed_precision_memory_model_matches_gpu_measurements(name, patch, batc
     peak was 2.6x the prediction."""
     spacing = target_spacing(ct_fingerprint())  # the CT collection cuda_check plans for
     if name in ("nnunet", "resenc"):
-        kw, padded = nnunet_kwargs(name, spacing, patch)
+        kw, padded = nnunet_kwargs(get_family(name), spacing, patch)
         assert padded == patch
         network, training = {"family": name, "kwargs": kw, "deep_supervision": True}, {"optimizer": "sgd"}
     else:

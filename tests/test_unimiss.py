@@ -20,7 +20,7 @@ from suprem_net.cli.plan_and_preprocess import main as plan_main
 from suprem_net.cli.train import main as train_main
 from suprem_net.cli.weights import main as weights_main
 from suprem_net.errors import SupremError
-from suprem_net.networks import build_network, family_module
+from suprem_net.networks import build_network, get_family
 from suprem_net.weights import REGISTRY, load_pretrained, read_state_dict
 
 KEYS = Path(__file__).parent / "data" / "unimiss_keys"
@@ -118,7 +118,7 @@ def test_forward_shapes_and_sizes():
     for bad in ([24, 64, 64], [32, 48, 64], [16, 32, 32], [32, 64]):
         with pytest.raises(SupremError, match="img_size"):
             build_network({"family": "unimiss_tiny", "kwargs": {"img_size": bad}}, 1, 2)
-    assert family_module("unimiss_tiny").DIVISOR == (16, 32, 32)
+    assert get_family("unimiss_tiny").divisor == (16, 32, 32)
 
 
 # ---------------------------------------------------------------- the published checkpoint

@@ -7,14 +7,15 @@ import os
 import shutil
 
 from suprem_net.cli._common import setup_logging, user_errors_exit_2
+from suprem_net.device import resolve_device
 from suprem_net.errors import SupremError
 from suprem_net.planning.fingerprint import load_or_compute
 from suprem_net.io.atomic import read_json, write_json
 from suprem_net.io.dataset import load_raw_dataset
-from suprem_net.networks import FAMILIES
+from suprem_net.networks import FAMILY_NAMES
 from suprem_net.paths import location, resolve_dataset_name
 from suprem_net.planning.planner import make_plan, plan_like, summary
-from suprem_net.planning.presets import preset_names
+from suprem_net.presets import preset_names
 from suprem_net.preprocessing.run import parse_shard, preprocess_dataset, verify_complete
 from suprem_net.planning.verify import IntegrityError, header_problems
 
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--dataset", required=True, help="dataset number (e.g. 3) or full name (Dataset003_Liver)")
     p.add_argument("--raw", help="raw datasets folder (default: $SUPREM_raw, else ./suprem_data/raw)")
     p.add_argument("--preprocessed", help="output folder (default: $SUPREM_preprocessed, else ./suprem_data/preprocessed)")
-    p.add_argument("--network", choices=sorted(FAMILIES), help="network family (default: nnunet, or the preset's)")
+    p.add_argument("--network", choices=sorted(FAMILY_NAMES), help="network family (default: nnunet, or the preset's)")
     p.add_argument("--preset", choices=preset_names(),
                    help="plan for a pre-trained backbone: its orientation, spacing, HU window, patch and architecture")
     p.add_argument("--like", metavar="PLAN.json",
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
         plan = plan_like(ds.spec, fp, source, plans_name=plans_name, source_path=str(args.like))
         write_json(plan_path, plan)
     else:
-        device = args.device or _default_device()
+        device = args.device or resolve_device("auto", ("cuda", "cpu")).type
         plan = make_plan(ds.spec, fp, plans_name=plans_name, network=args.network, preset=args.preset,
                          device=device, gpu_memory_gb=args.gpu_memory_gb,
                          cpu_seconds_per_iteration=args.cpu_seconds_per_iteration, cpu_gflops=args.cpu_gflops)
@@ -128,10 +129,6 @@ def _read_plan(path: str, ds_spec: dict) -> dict:
     return plan
 
 
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from suprem_net.cli._common import setup_logging, user_errors_exit_2
 from suprem_net.errors import SupremError
 from suprem_net.io.image import IMAGE_ENDINGS
 from suprem_net.labels import LabelScheme
+from suprem_net.weights.registry import zero_shot_names
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(plans.json, dataset.json, fold_K/checkpoint_final.pth), predicted with suprem_net "
                           "(see docs/nnunet_models.md)")
     src.add_argument("-d", "--dataset", help="dataset number or name: the model folder in the results folder")
-    src.add_argument("--pretrained", choices=["suprem_swinunetr", "suprem_unet", "universal_swinunetr",
-                                              "universal_unet"],
+    src.add_argument("--pretrained", choices=zero_shot_names(),
                      help="zero-shot prediction of the 32 AbdomenAtlas/Universal-Model classes with the head stored "
                           "in a pre-trained checkpoint (from the weights cache: suprem_weights download NAME; see "
                           "docs/pretrained.md); uses the backbone's preset preprocessing")

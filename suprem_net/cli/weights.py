@@ -133,9 +133,9 @@ def _cmd_verify() -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> None:
-    from suprem_net.networks import FAMILIES, build_network
+    from suprem_net.networks import FAMILY_NAMES, build_network, family_of_keys
     from suprem_net.weights import get_entry, load_pretrained, read_state_dict, resolve_checkpoint
-    from suprem_net.weights.adapters import ADAPTERS, infer_adapter, infer_family
+    from suprem_net.weights.adapters import ADAPTERS, infer_adapter
     from suprem_net.weights.layout import entry_for_layout
     from suprem_net.weights.registry import entry_for_file
 
@@ -149,10 +149,10 @@ def _cmd_check(args: argparse.Namespace) -> None:
     family = args.family or (entry.family if entry else None)
     if family is None:
         sd = read_state_dict(path)
-        family = infer_family(list(ADAPTERS[infer_adapter(list(sd))](sd, None).tensors))
+        family = family_of_keys(ADAPTERS[infer_adapter(list(sd))](sd, None).tensors)
         if family is None:
             raise SupremError(f"{path}: cannot tell the network family from its keys; pass --family "
-                              f"({', '.join(FAMILIES)})")
+                              f"({', '.join(FAMILY_NAMES)})")
     labels = _read_labels(args.labels) if args.labels else None
     num_classes = args.num_classes
     if labels:

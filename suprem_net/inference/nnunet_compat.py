@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 
 from suprem_net.errors import SupremError
+from suprem_net.io.checkpoint import load_checkpoint_file, strip_wrapper_prefixes
 
 logger = logging.getLogger(__name__)
 
@@ -301,22 +302,10 @@ def _numpy_scalar_globals() -> list:
 
 def load_nnunet_checkpoint(path: Path) -> tuple[dict, tuple[int, ...] | None]:
     """``(state_dict, inference_allowed_mirroring_axes)`` of an nnU-Net v2 checkpoint."""
-    if not path.is_file():
-        raise SupremError(f"{path}: checkpoint not found")
-    try:
-        with torch.serialization.safe_globals(_numpy_scalar_globals()):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling problem is a bad or unsafe file
-        raise SupremError(f"{path}: cannot load checkpoint ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200]})") from None
+    ckpt = load_checkpoint_file(path, _numpy_scalar_globals())
     if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
         raise SupremError(f"{path}: not an nnU-Net checkpoint (no 'network_weights')")
-    state = {}
-    for k, v in ckpt["network_weights"].items():
-        for prefix in ("_orig_mod.", "module."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        state[k] = v
+    state = strip_wrapper_prefixes(ckpt["network_weights"])
     axes = ckpt.get("inference_allowed_mirroring_axes")
     return state, (tuple(int(a) for a in axes) if axes is not None else None)
 

@@ -15,15 +15,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from suprem_net.device import resolve_device
 from suprem_net.errors import SupremError
 from suprem_net.inference.export import revert_logits
 from suprem_net.inference.inputs import Case, read_case
 from suprem_net.inference.postprocessing import keep_largest_component, read_lcc_classes
 from suprem_net.inference.sliding_window import SlidingWindow
 from suprem_net.io.atomic import read_json
+from suprem_net.io.checkpoint import load_checkpoint_file, strip_wrapper_prefixes
 from suprem_net.io.image import Geometry
 from suprem_net.labels import LabelScheme
-from suprem_net.networks import build_network
+from suprem_net.networks import FAMILY_NAMES, build_network, get_family
 from suprem_net.preprocessing.case import preprocess_case
 
 logger = logging.getLogger(__name__)
@@ -31,27 +33,12 @@ logger = logging.getLogger(__name__)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> cuda if available, else mps, else cpu; unavailable devices are a user error."""
-    name = str(device)
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SupremError("--device cuda: no CUDA GPU is available (use --device cpu)")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise SupremError("--device mps: MPS is not available (use --device cpu)")
-    return dev
-
-
 def batch_independent(plan: dict) -> bool:
     """False for networks that normalise with the statistics of the batch (tiles go one by one)."""
     net = plan["network"]
-    return not (net["family"] == "suprem_unet" and net.get("kwargs", {}).get("batch_stats_always", True))
+    if net["family"] not in FAMILY_NAMES:  # a converted nnU-Net v2 model (instance norms)
+        return True
+    return get_family(net["family"]).batch_independent(net.get("kwargs", {}))
 
 
 def cpu_tile_batch(patch_size: Sequence[int], tta: bool, n_mirror_axes: int = 3,
@@ -74,22 +61,11 @@ def _without_deep_supervision(model: nn.Module) -> nn.Module:
 
 
 def load_state_dict(path: Path) -> dict:
-    if not path.is_file():
-        raise SupremError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling problem is a bad file
-        raise SupremError(f"{path}: cannot load checkpoint ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]})") from None
+    """The network weights of one of our fold checkpoints."""
+    ckpt = load_checkpoint_file(path)
     if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
         raise SupremError(f"{path}: not a suprem_net checkpoint (no 'network_weights')")
-    state = ckpt["network_weights"]
-    out = {}
-    for k, v in state.items():
-        for prefix in ("_orig_mod.", "module."):  # torch.compile / DDP wrappers
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
+    return strip_wrapper_prefixes(ckpt["network_weights"])
 
 
 class Predictor:

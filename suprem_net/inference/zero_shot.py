@@ -13,26 +13,26 @@ import logging
 import torch.nn as nn
 
 from suprem_net.errors import SupremError
+from suprem_net.io.checkpoint import strip_wrapper_prefixes
+from suprem_net.networks import get_family
 from suprem_net.networks.universal import BACKBONES, UniversalModel
-from suprem_net.planning.presets import load_preset
+from suprem_net.presets import load_preset
 from suprem_net.weights.loading import read_state_dict, resolve_checkpoint
 from suprem_net.labels import ABDOMENATLAS_25, UNIVERSAL_32
-from suprem_net.weights.registry import get_entry
+from suprem_net.weights.registry import get_entry, zero_shot_names
 
 logger = logging.getLogger(__name__)
 
-ZERO_SHOT = {"suprem_swinunetr": "suprem_swinunetr", "suprem_unet": "suprem_unet",
-             "universal_swinunetr": "suprem_swinunetr", "universal_unet": "suprem_unet"}  # name -> preset
 
 
 def load_zero_shot(name: str) -> tuple[dict, list[nn.Module]]:
     """Return ``(plan, [model])`` for zero-shot prediction with the registry checkpoint ``name``."""
-    if name not in ZERO_SHOT:
+    if name not in zero_shot_names():
         raise SupremError(f"--pretrained {name}: zero-shot needs a Universal-Model checkpoint "
-                          f"({', '.join(sorted(ZERO_SHOT))})")
+                          f"({', '.join(sorted(zero_shot_names()))})")
     entry = get_entry(name)
     path = resolve_checkpoint(name)
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in read_state_dict(path).items()}
+    sd = strip_wrapper_prefixes(read_state_dict(path))
     if "organ_embedding" not in sd:
         raise SupremError(f"{path}: no 'organ_embedding' in the checkpoint: not a Universal-Model file, "
                           "so it has no zero-shot head (fine-tune it with suprem_train --pretrained instead)")
@@ -50,15 +50,15 @@ def load_zero_shot(name: str) -> tuple[dict, list[nn.Module]]:
     logger.info("%s: loaded all %d tensors of the Universal Model (%d classes)", path, len(sd), n)
     names = UNIVERSAL_32 if n == len(UNIVERSAL_32) else ABDOMENATLAS_25 if n == len(ABDOMENATLAS_25) else \
         tuple(f"class_{i}" for i in range(1, n + 1))
-    preset = load_preset(ZERO_SHOT[name])
+    preset = load_preset(entry.preset)
     plan = {
         "plans_name": f"{name}_zero_shot",
-        "preset": ZERO_SHOT[name],
+        "preset": entry.preset,
         "labels": {"background": 0, **{c: i for i, c in enumerate(names, start=1)}},
         "channel_names": {"0": "CT"},
         "num_classes": n + 1,
         "orientation": preset["orientation"],
-        "axes": "xyz",  # as the upstream pipeline holds the volume: RAS, NIfTI voxel order
+        "axes": get_family(entry.family).axes,  # as its pipeline held the volume: RAS, NIfTI voxel order
         "target_spacing": preset["target_spacing"],
         "normalization": [preset["normalization"]],
         "resampling": {"image": "cubic", "labels": "linear_argmax", "anisotropy_threshold": 3.0},

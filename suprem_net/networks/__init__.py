@@ -1,21 +1,23 @@
 """Network families, each built from the plan's ``network`` entry.
 
 A plan stores ``{"family": NAME, "kwargs": {...}, "deep_supervision": bool}``;
-``build_network(network, in_channels, num_classes)`` is the one way to make a model.
-Each family module exposes ``build(family, kwargs, in_channels, num_classes, deep_supervision)``
-and a ``DIVISOR`` (what every patch edge must be divisible by: one number, or one per axis (z, y, x)
-as for UniMiSS; ``None`` when the topology is derived from the patch, as for the nnU-Net-style CNNs).
+``build_network(network, in_channels, num_classes)`` is the one way to make a model. Each family
+module declares a ``FAMILIES`` dict of :class:`~suprem_net.networks.family.Family` records: how to
+build it and every trait the planner, trainer, predictor and weight loader need (divisor, heads,
+encoder, axis order, published kwargs, ...). :func:`get_family` returns the record of a name.
 """
 from __future__ import annotations
 
 import importlib
+from collections.abc import Collection
 
 import torch.nn as nn
 
 from suprem_net.errors import SupremError
+from suprem_net.networks.family import Family
 
-# family name -> module under suprem_net.networks
-FAMILIES: dict[str, str] = {
+# family name -> module under suprem_net.networks (imported when the family is first used)
+_MODULES: dict[str, str] = {
     "nnunet": "nnunet",
     "resenc": "nnunet",
     "suprem_unet": "suprem_unet",
@@ -26,21 +28,31 @@ FAMILIES: dict[str, str] = {
     "unimiss_tiny": "unimiss",
     "unimiss_small": "unimiss",
 }
+FAMILY_NAMES = tuple(_MODULES)
 
 
-def family_module(family: str):
-    if family not in FAMILIES:
-        raise SupremError(f"unknown network family {family!r}; choose one of {', '.join(FAMILIES)}")
-    try:
-        return importlib.import_module(f"suprem_net.networks.{FAMILIES[family]}")
-    except ModuleNotFoundError as e:
-        if e.name == f"suprem_net.networks.{FAMILIES[family]}":
-            raise SupremError(f"network family {family!r} is not available in this version") from None
-        raise
+def get_family(name: str) -> Family:
+    """The :class:`Family` record of ``name``; an unknown name is a user error."""
+    if name not in _MODULES:
+        raise SupremError(f"unknown network family {name!r}; choose one of {', '.join(_MODULES)}")
+    return importlib.import_module(f"suprem_net.networks.{_MODULES[name]}").FAMILIES[name]
 
 
 def build_network(network: dict, in_channels: int, num_classes: int) -> nn.Module:
-    """Build the model a plan describes. ``network`` is the plan's ``network`` entry."""
-    mod = family_module(network["family"])
-    return mod.build(network["family"], dict(network.get("kwargs", {})), in_channels, num_classes,
-                     bool(network.get("deep_supervision", False)))
+    """Build the model a plan describes. ``network`` is the plan's ``network`` entry. The model
+    records its family name (``model.suprem_family``)."""
+    family = get_family(network["family"])
+    model = family.build(dict(network.get("kwargs", {})), in_channels, num_classes,
+                         bool(network.get("deep_supervision", False)))
+    model.suprem_family = family.name
+    return model
+
+
+def family_of_keys(keys: Collection[str]) -> str | None:
+    """The family whose checkpoints have these (adapted) state-dict keys, or ``None``."""
+    keys = set(keys)
+    for name in _MODULES:
+        signature = get_family(name).signature
+        if signature is not None and signature(keys):
+            return name
+    return None

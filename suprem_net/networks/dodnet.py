@@ -18,6 +18,7 @@ Plan kwargs: ``weight_std`` (True).
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -25,12 +26,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from suprem_net.errors import SupremError
+from suprem_net.networks.family import Family, prefixed
 
 logger = logging.getLogger(__name__)
 
-DIVISOR = 16
-HEAD_KEY = "cls_conv.2"
-INPUT_KEYS = ("conv1.weight",)
 DEFAULT_KWARGS: dict = {"weight_std": True}
 
 
@@ -114,3 +113,9 @@ def build(family: str, kwargs: dict, in_channels: int, num_classes: int, deep_su
     if deep_supervision:
         logger.debug("dodnet has no deep supervision; the flag is ignored")
     return DoDNetUNet3D(in_channels, num_classes, weight_std=bool(opts["weight_std"]))
+
+
+FAMILIES = {"dodnet": Family(
+    "dodnet", functools.partial(build, "dodnet"), published_kwargs=DEFAULT_KWARGS, divisor=16, min_patch=32,
+    head_key="cls_conv.2", input_keys=("conv1.weight",), encoder_prefixes=("conv1.", "layer"),
+    signature=prefixed("x8_resb."), channels_last=True)}

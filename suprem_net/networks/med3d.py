@@ -16,6 +16,7 @@ divisible by 8. No deep supervision (ignored). Plan kwargs: ``layers`` ([3, 4, 2
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -23,12 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from suprem_net.errors import SupremError
+from suprem_net.networks.family import Family, prefixed
 
 logger = logging.getLogger(__name__)
 
-DIVISOR = 8
-HEAD_KEY = "conv_seg.6"
-INPUT_KEYS = ("conv1.weight",)
 DEFAULT_KWARGS: dict = {"layers": [3, 4, 23, 3]}
 
 
@@ -105,3 +104,9 @@ def build(family: str, kwargs: dict, in_channels: int, num_classes: int, deep_su
     if deep_supervision:
         logger.debug("med3d has no deep supervision; the flag is ignored")
     return Med3DResNet(in_channels, num_classes, layers)
+
+
+FAMILIES = {"med3d": Family(
+    "med3d", functools.partial(build, "med3d"), published_kwargs=DEFAULT_KWARGS, divisor=8, min_patch=32,
+    head_key="conv_seg.6", input_keys=("conv1.weight",), encoder_prefixes=("conv1.", "bn1.", "layer"),
+    signature=prefixed("layer4.0.conv3."), channels_last=True)}

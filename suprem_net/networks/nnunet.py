@@ -7,10 +7,13 @@ Norm, non-linearity and bias follow nnU-Net: InstanceNorm3d(eps=1e-5, affine), L
 """
 from __future__ import annotations
 
+import functools
+
 import torch.nn as nn
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
-DIVISOR = None  # the topology is derived from the patch size
+from suprem_net.networks.family import Family
+
 HEAD_PATTERN = r"decoder\.seg_layers\.\d+"  # one 1x1x1 output conv per deep-supervision level
 
 
@@ -31,3 +34,22 @@ def build(family: str, kwargs: dict, in_channels: int, num_classes: int, deep_su
     if family == "resenc":
         return ResidualEncoderUNet(**common, **kwargs)
     return PlainConvUNet(**common, **kwargs)
+
+
+def _plain_kwargs(strides: list, kernels: list, features: list) -> dict:
+    n = len(strides)
+    return {"n_stages": n, "features_per_stage": features, "kernel_sizes": kernels, "strides": strides,
+            "n_conv_per_stage": [2] * n, "n_conv_per_stage_decoder": [2] * (n - 1)}
+
+
+def _resenc_kwargs(strides: list, kernels: list, features: list) -> dict:
+    n = len(strides)
+    return {"n_stages": n, "features_per_stage": features, "kernel_sizes": kernels, "strides": strides,
+            "n_blocks_per_stage": [1, 3, 4, 6, 6, 6, 6][:n], "n_conv_per_stage_decoder": [1] * (n - 1)}
+
+
+_COMMON = dict(head_pattern=HEAD_PATTERN, encoder_prefixes=("encoder.",), deep_supervision=True, channels_last=True)
+FAMILIES = {
+    "nnunet": Family("nnunet", functools.partial(build, "nnunet"), topology_kwargs=_plain_kwargs, **_COMMON),
+    "resenc": Family("resenc", functools.partial(build, "resenc"), topology_kwargs=_resenc_kwargs, **_COMMON),
+}

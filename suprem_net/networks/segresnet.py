@@ -12,18 +12,16 @@ mentioned by SuPreM, for which no weights were released.
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch.nn as nn
 from monai.networks.nets import SegResNet
 
 from suprem_net.errors import SupremError
+from suprem_net.networks.family import Family, prefixed
 
 logger = logging.getLogger(__name__)
-
-DIVISOR = 8
-HEAD_KEY = "conv_final.2.conv"
-INPUT_KEYS = ("convInit.conv.weight",)
 
 DEFAULT_KWARGS: dict = {"init_filters": 16, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1], "dropout_prob": 0.0}
 
@@ -43,3 +41,9 @@ def build(family: str, kwargs: dict, in_channels: int, num_classes: int, deep_su
     return SegResNet(spatial_dims=3, init_filters=int(opts["init_filters"]), in_channels=in_channels,
                      out_channels=num_classes, dropout_prob=None if dropout is None else float(dropout),
                      blocks_down=blocks_down, blocks_up=tuple(int(b) for b in opts["blocks_up"]))
+
+
+FAMILIES = {"segresnet": Family(
+    "segresnet", functools.partial(build, "segresnet"), published_kwargs=DEFAULT_KWARGS, divisor=8, min_patch=32,
+    head_key="conv_final.2.conv", input_keys=("convInit.conv.weight",), encoder_prefixes=("convInit", "down_layers"),
+    signature=prefixed("convInit."), channels_last=True)}

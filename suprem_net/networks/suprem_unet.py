@@ -31,6 +31,7 @@ Plan kwargs (all optional; ``{}`` gives the published network):
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -38,12 +39,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from suprem_net.errors import SupremError
+from suprem_net.networks.family import Family, prefixed
 
 logger = logging.getLogger(__name__)
-
-DIVISOR = 8
-HEAD_KEY = "out_tr.final_conv"
-INPUT_KEYS = ("down_tr64.ops.0.conv1.weight",)  # its shape depends on in_channels
 
 DEFAULT_KWARGS: dict = {"act": "relu", "batch_stats_always": True}
 
@@ -169,3 +167,16 @@ def build(family: str, kwargs: dict, in_channels: int, num_classes: int, deep_su
                     in_channels)
     return SupremUNet3D(in_channels, num_classes, act=str(opts["act"]),
                         batch_stats_always=bool(opts["batch_stats_always"]))
+
+
+def batch_independent(kwargs: dict) -> bool:
+    """False with SuPreM's batch-statistics norm: a tile's prediction depends on the batch it is in."""
+    return not bool({**DEFAULT_KWARGS, **kwargs}["batch_stats_always"])
+
+
+FAMILIES = {"suprem_unet": Family(
+    "suprem_unet", functools.partial(build, "suprem_unet"), published_kwargs=DEFAULT_KWARGS, divisor=8, min_patch=32,
+    head_key="out_tr.final_conv", input_keys=("down_tr64.ops.0.conv1.weight",), encoder_prefixes=("down_tr",),
+    signature=prefixed("down_tr64."), channels_last=True, batch_independent=batch_independent,
+    # batch statistics: a larger batch would change what each sample is normalised with
+    grows_batch=False)}

@@ -22,6 +22,7 @@ Plan kwargs (``{}`` gives the published network): ``feature_size`` (48),
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 
@@ -31,14 +32,9 @@ import torch.nn.functional as F
 from monai.networks.nets import SwinUNETR
 
 from suprem_net.errors import SupremError
+from suprem_net.networks.family import Family, prefixed
 
 logger = logging.getLogger(__name__)
-
-DIVISOR = 32
-HEAD_KEY = "out.conv.conv"
-# entries whose shape depends on in_channels
-INPUT_KEYS = ("swinViT.patch_embed.proj.weight", "encoder1.layer.conv1.conv.weight",
-              "encoder1.layer.conv3.conv.weight")
 
 DEFAULT_KWARGS: dict = {
     "feature_size": 48,
@@ -122,3 +118,11 @@ def build(family: str, kwargs: dict, in_channels: int, num_classes: int, deep_su
     if n != 4:
         raise RuntimeError(f"expected 4 patch-merging modules in SwinUNETR, found {n}")
     return model
+
+
+FAMILIES = {"swinunetr": Family(
+    "swinunetr", functools.partial(build, "swinunetr"), published_kwargs=DEFAULT_KWARGS, divisor=32, min_patch=64,
+    head_key="out.conv.conv", input_keys=("swinViT.patch_embed.proj.weight", "encoder1.layer.conv1.conv.weight",
+              "encoder1.layer.conv3.conv.weight"),
+    encoder_prefixes=("swinViT.", "encoder"), signature=prefixed("swinViT."),
+    training_defaults={"optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-5, "schedule": "warmup_cosine"})}

@@ -39,6 +39,7 @@ size is refused. Parameters at 48x192x192 with 14 classes: 22,954,310
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -48,22 +49,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from suprem_net.errors import SupremError
+from suprem_net.networks.family import Family
 
 logger = logging.getLogger(__name__)
 
-# UniMiSS was pre-trained and fine-tuned in nnU-Net's (z, y, x) order (facts §1.4: patch [48, 160, 224]
-# (z, y, x) at 2.5 x 0.81 x 0.81 mm): its plans keep that order, the slice axis first
-AXES = "zyx"
 DIVISOR = (16, 32, 32)  # per axis (z, y, x): the stem keeps the depth, four stride-2 stages follow
-HEAD_PATTERN = r"(?:ds[0-3]_)?cls_conv"  # the full-resolution head and the four deep-supervision heads
-INPUT_KEYS = ("transformer.patch_embed0.conv.weight",)
 DEFAULT_KWARGS: dict = {"img_size": [48, 192, 192]}
-PATCH_KWARG = "img_size"  # the planner writes the plan's patch size here
-DEEP_SUPERVISION = True   # UniMiSS fine-tunes with its four side outputs
-# UniMiSS's fine-tuning recipe (facts §1.4): AdamW, lr 1e-4, poly schedule, gradient clipping at 12;
-# the weight decay is not recorded there, so the trainer's AdamW default is written out
-TRAINING_DEFAULTS: dict = {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-5, "schedule": "poly",
-                           "poly_exponent": 0.9, "grad_clip": 12.0}
 
 DEPTHS = {"unimiss_tiny": ((1, 1, 1, 1), (1, 1, 1)), "unimiss_small": ((2, 3, 4, 3), (3, 4, 3))}
 STEM = 32
@@ -297,3 +288,32 @@ def build(family: str, kwargs: dict, in_channels: int, num_classes: int, deep_su
         raise SupremError(f"{family}: unknown network kwargs {sorted(unknown)}; allowed: {sorted(DEFAULT_KWARGS)}")
     opts = {**DEFAULT_KWARGS, **kwargs}
     return UniMiSS(family, in_channels, num_classes, check_img_size(opts["img_size"]), deep_supervision)
+
+
+def _variant(name: str):
+    """Signature of a variant's checkpoint: the UniMiSS stem, and a second stage-1 block only in small."""
+    small = name == "unimiss_small"
+    return lambda keys: "transformer.patch_embed0.conv.weight" in keys and \
+        ("transformer.block1.1.norm1.weight" in keys) == small
+
+
+def _family(name: str) -> Family:
+    return Family(
+        name, functools.partial(build, name), published_kwargs=DEFAULT_KWARGS, divisor=DIVISOR,
+        min_patch=tuple(2 * d for d in DIVISOR),
+        head_pattern=r"(?:ds[0-3]_)?cls_conv",  # the full-resolution head and the four deep-supervision heads
+        input_keys=("transformer.patch_embed0.conv.weight",),
+        encoder_prefixes=("transformer.",),  # its pre-trained decoder is not "encoder"
+        signature=_variant(name),
+        # UniMiSS was pre-trained and fine-tuned in nnU-Net's (z, y, x) order (facts §1.4: patch
+        # [48, 160, 224] (z, y, x) at 2.5 x 0.81 x 0.81 mm): its plans keep that order, the slice axis first
+        axes="zyx",
+        deep_supervision=True,  # UniMiSS fine-tunes with its four side outputs
+        patch_kwarg="img_size",  # the planner writes the plan's patch size here
+        # UniMiSS's fine-tuning recipe (facts §1.4): AdamW, lr 1e-4, poly schedule, gradient clipping at 12;
+        # the weight decay is not recorded there, so the trainer's AdamW default is written out
+        training_defaults={"optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-5, "schedule": "poly",
+                           "poly_exponent": 0.9, "grad_clip": 12.0})
+
+
+FAMILIES = {name: _family(name) for name in DEPTHS}

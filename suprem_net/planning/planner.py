@@ -15,23 +15,22 @@ import numpy as np
 
 from suprem_net.errors import SupremError
 from suprem_net.labels import LabelScheme
-from suprem_net.networks import family_module
+from suprem_net.networks import get_family
+from suprem_net.networks.family import Family
 from suprem_net.planning.memory import measure_step
-from suprem_net.planning.presets import load_preset
+from suprem_net.presets import load_preset
 from suprem_net.planning.topology import nnunet_kwargs, pool_and_conv_props
 from suprem_net.preprocessing.orientation import network_axes
 
 log = logging.getLogger(__name__)
 
 ANISOTROPY_THRESHOLD = 3.0
-# the axis order of every new plan: NIfTI's voxel order, in which SuPreM's backbones saw their data
-# (one convention for every plan, pre-trained or not; docs/plans.md)
-PLAN_AXES = "xyz"
+NNUNET_RECIPE = {"optimizer": "sgd", "lr": 1e-2, "momentum": 0.99, "nesterov": True, "weight_decay": 3e-5,
+                 "schedule": "poly", "poly_exponent": 0.9}
+DEFAULT_FAMILY = "nnunet"
 GPU_INITIAL_VOLUME = 256 ** 3
 CPU_INITIAL_VOLUME = 128 ** 3
 MAX_DATASET_COVERED = 0.05
-SUPREM_DEFAULT_KWARGS = {"suprem_unet": {}, "swinunetr": {"feature_size": 48, "legacy_patch_merging": True},
-                         "segresnet": {"init_filters": 16, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1]}}
 
 
 def fingerprint_in_axes(fp: dict, axes: str) -> dict:
@@ -83,22 +82,18 @@ def default_memory_budget(device: str, gpu_memory_gb: float | None) -> int:
     return int(min(total * 0.5, 16 * 1024 ** 3))
 
 
-def _training_defaults(family: str, preset: dict | None, device: str) -> dict:
+def _training_defaults(family: Family, preset: dict | None, device: str) -> dict:
+    """The recipe: the preset's, else the family's own, else nnU-Net's (SGD, poly)."""
     common = {"oversample_foreground": 0.33, "grad_clip": 12.0, "num_val_iterations": 20}
     if device == "cpu":
         common.update({"epochs": 100, "iterations_per_epoch": 50})
     else:
         common.update({"epochs": 1000, "iterations_per_epoch": 250})
-    if preset is not None:
-        return {**common, **preset["training"]}
-    recipe = getattr(family_module(family), "TRAINING_DEFAULTS", None)  # a family's published recipe
-    if recipe is not None:
-        return {**common, **recipe}
-    if family == "swinunetr":
-        return {**common, "optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-5, "schedule": "warmup_cosine",
-                "warmup_epochs": max(1, common["epochs"] // 50)}
-    return {**common, "optimizer": "sgd", "lr": 1e-2, "momentum": 0.99, "nesterov": True,
-            "weight_decay": 3e-5, "schedule": "poly", "poly_exponent": 0.9}
+    recipe = preset["training"] if preset is not None else family.training_defaults or NNUNET_RECIPE
+    training = {**common, **recipe}
+    if training["schedule"] == "warmup_cosine":
+        training.setdefault("warmup_epochs", max(1, training["epochs"] // 50))
+    return training
 
 
 def _step_kwargs(training: dict, dtype: str, scheme: LabelScheme) -> dict:
@@ -120,13 +115,13 @@ def _fits(m: dict, budget: dict) -> float:
     return f
 
 
-def _plan_nnunet_patch(family, spacing, median_shape, in_ch, n_cls, budget, initial_volume, step: dict):
+def _plan_nnunet_patch(family: Family, spacing, median_shape, in_ch, n_cls, budget, initial_volume, step: dict):
     aspect = 1.0 / np.asarray(spacing)
     patch = aspect * (initial_volume / np.prod(aspect)) ** (1 / 3)
     patch = np.minimum(np.round(patch), median_shape).astype(int)
     for _ in range(40):
         kw, padded = nnunet_kwargs(family, spacing, patch)
-        network = {"family": family, "kwargs": kw, "deep_supervision": True}
+        network = {"family": family.name, "kwargs": kw, "deep_supervision": family.deep_supervision}
         m = measure_step(network, in_ch, n_cls, padded, 2, **step)
         excess = _fits(m, budget)
         if excess <= 1.0:
@@ -144,16 +139,14 @@ def _plan_nnunet_patch(family, spacing, median_shape, in_ch, n_cls, budget, init
                       "--cpu-seconds-per-iteration")
 
 
-def _plan_fixed_patch(family, kwargs, base_patch, median_shape, in_ch, n_cls, budget, step: dict):
-    mod = family_module(family)
-    div = np.broadcast_to(np.asarray(mod.DIVISOR, dtype=int), (3,))  # one divisor, or one per axis (z, y, x)
-    minimum = 2 * div if family == "swinunetr" or np.ndim(mod.DIVISOR) else np.maximum(div, 16) * 2
+def _plan_fixed_patch(family: Family, kwargs, base_patch, median_shape, in_ch, n_cls, budget, step: dict):
+    div = np.broadcast_to(np.asarray(family.divisor, dtype=int), (3,))  # one divisor, or one per axis
+    minimum = np.broadcast_to(np.asarray(family.min_patch, dtype=int), (3,))
     patch = np.array(base_patch, dtype=int)
-    patch_kwarg = getattr(mod, "PATCH_KWARG", None)  # a network built for one input size (UniMiSS)
-    network = {"family": family, "kwargs": kwargs, "deep_supervision": bool(getattr(mod, "DEEP_SUPERVISION", False))}
+    network = {"family": family.name, "kwargs": kwargs, "deep_supervision": family.deep_supervision}
     while True:
-        if patch_kwarg:
-            network["kwargs"] = {**kwargs, patch_kwarg: patch.tolist()}
+        if family.patch_kwarg:  # a network built for one input size (UniMiSS)
+            network["kwargs"] = {**kwargs, family.patch_kwarg: patch.tolist()}
         m = measure_step(network, in_ch, n_cls, patch.tolist(), 2, **step)
         if _fits(m, budget) <= 1.0:
             return network, patch.tolist(), m
@@ -161,10 +154,10 @@ def _plan_fixed_patch(family, kwargs, base_patch, median_shape, in_ch, n_cls, bu
         if patch[axis] - div[axis] < minimum[axis]:
             if m["predicted_peak_bytes"] <= budget["memory_bytes"]:  # compute is a soft budget: warn
                 log.warning("the smallest %s patch (%s) needs %.0f GFLOP per step, over the CPU budget of %.0f; "
-                            "expect slower iterations", family, patch.tolist(), m["flops_per_iteration"] / 1e9,
+                            "expect slower iterations", family.name, patch.tolist(), m["flops_per_iteration"] / 1e9,
                             budget["flops"] / 1e9)
                 return network, patch.tolist(), m
-            raise SupremError(f"even a {patch.tolist()} patch of {family} does not fit the memory budget; "
+            raise SupremError(f"even a {patch.tolist()} patch of {family.name} does not fit the memory budget; "
                               "raise --gpu-memory-gb")
         patch[axis] -= div[axis]
 
@@ -174,12 +167,10 @@ def make_plan(ds_spec: dict, fp: dict, *, plans_name: str, network: str | None =
               cpu_gflops: float = 60.0) -> dict:
     """Build the plans dict (see docs/plans.md)."""
     pre = load_preset(preset) if preset else None
-    family = network or (pre["network"]["family"] if pre else "nnunet")
-    # the family's published weights may expect another order (UniMiSS: nnU-Net's z, y, x)
-    axes = getattr(family_module(family), "AXES", PLAN_AXES)  # unknown family -> clear error
-    fp = fingerprint_in_axes(fp, axes)
-    if pre and family != pre["network"]["family"]:
-        raise SupremError(f"--network {family} does not match preset {preset} ({pre['network']['family']})")
+    family = get_family(network or (pre["network"]["family"] if pre else DEFAULT_FAMILY))
+    fp = fingerprint_in_axes(fp, family.axes)
+    if pre and family.name != pre["network"]["family"]:
+        raise SupremError(f"--network {family.name} does not match preset {preset} ({pre['network']['family']})")
     spacing = list(pre["target_spacing"]) if pre else target_spacing(fp)
     median_shape = median_resampled_shape(fp, spacing)
     in_ch = len(ds_spec["channel_names"])
@@ -193,16 +184,15 @@ def make_plan(ds_spec: dict, fp: dict, *, plans_name: str, network: str | None =
         training["loss"] = scheme.default_loss  # SuPreM's pre-training loss: sigmoid Dice + BCE
     dtype = "float32" if device == "cpu" else "bfloat16"
     step = _step_kwargs(training, dtype, scheme)
-    if family in ("nnunet", "resenc"):
+    if family.topology_kwargs is not None:
         initial = GPU_INITIAL_VOLUME if device == "cuda" else CPU_INITIAL_VOLUME
         net, patch, m = _plan_nnunet_patch(family, spacing, median_shape, in_ch, n_cls, budget, initial, step)
     else:
-        kwargs = dict(pre["network"]["kwargs"]) if pre else \
-            dict(SUPREM_DEFAULT_KWARGS.get(family, getattr(family_module(family), "DEFAULT_KWARGS", {})))
+        kwargs = family.kwargs(pre["network"]["kwargs"] if pre else None)
         base = pre["patch_size"] if pre else [96, 96, 96]
         net, patch, m = _plan_fixed_patch(family, kwargs, base, median_shape, in_ch, n_cls, budget, step)
     batch = 2
-    if device == "cuda" and not (family == "suprem_unet"):
+    if device == "cuda" and family.grows_batch:
         cap = max(2, int(MAX_DATASET_COVERED * np.prod(median_shape) * fp["num_cases"] / np.prod(patch)))
         while batch < cap:
             m_next = measure_step(net, in_ch, n_cls, patch, batch + 1, **step)
@@ -220,7 +210,7 @@ def make_plan(ds_spec: dict, fp: dict, *, plans_name: str, network: str | None =
         "num_classes": n_cls,
         "data_identifier": plans_name,
         "orientation": pre["orientation"] if pre else None,
-        "axes": axes,
+        "axes": family.axes,
         "target_spacing": spacing,
         "median_shape": median_shape,
         "normalization": normalization(ds_spec, fp, pre),

@@ -44,21 +44,9 @@ def pool_and_conv_props(spacing, patch, min_feature_map: int = 4, max_stages: in
     return strides, kernels, padded, divisor
 
 
-def nnunet_kwargs(family: str, spacing, patch, max_features: int = 320, base_features: int = 32) -> tuple[dict, list[int]]:
-    """Architecture kwargs for ``nnunet`` / ``resenc`` and the (padded) patch size."""
+def nnunet_kwargs(family, spacing, patch, max_features: int = 320, base_features: int = 32) -> tuple[dict, list[int]]:
+    """Architecture kwargs of an nnU-Net-style ``family`` (its ``topology_kwargs``) for ``patch``, and the
+    padded patch size."""
     strides, kernels, padded, _ = pool_and_conv_props(spacing, patch)
-    n = len(strides)
-    kw = {
-        "n_stages": n,
-        "features_per_stage": [min(max_features, base_features * 2 ** i) for i in range(n)],
-        "kernel_sizes": kernels,
-        "strides": strides,
-    }
-    if family == "resenc":
-        kw["n_blocks_per_stage"] = [1, 3, 4, 6, 6, 6, 6][:n]
-        kw["n_conv_per_stage_decoder"] = [1] * (n - 1)
-    else:
-        kw["n_conv_per_stage"] = [2] * n
-        kw["n_conv_per_stage_decoder"] = [2] * (n - 1)
-    return kw, padded
-
+    features = [min(max_features, base_features * 2 ** i) for i in range(len(strides))]
+    return family.topology_kwargs(strides, kernels, features), padded

@@ -32,9 +32,10 @@ import sys
 import torch
 import torch.nn as nn
 
+from suprem_net.networks import get_family
+
 log = logging.getLogger(__name__)
 
-CHANNELS_LAST_FAMILIES = ("nnunet", "resenc", "suprem_unet", "segresnet", "dodnet", "med3d")
 
 
 def instance_norms_as_group_norms(model: nn.Module) -> int:
@@ -91,7 +92,7 @@ def prepare_for_training(model: nn.Module, family: str, device: torch.device,
     if device.type != "cpu":
         return torch.contiguous_format
     kept = keep_freed_memory()
-    if family not in CHANNELS_LAST_FAMILIES:
+    if not get_family(family).channels_last:
         return torch.contiguous_format
     n = instance_norms_as_group_norms(model)
     up = upsampling_as_matmuls(model)

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from suprem_net.errors import InputError
+from suprem_net.errors import SupremError
+from suprem_net.io.checkpoint import load_checkpoint_file
 from suprem_net.io.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -71,13 +72,12 @@ def save_checkpoint(path: Path, *, model, optimizer, schedule, scaler, epoch: in
     log.debug("wrote %s", path)
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise InputError(path, "checkpoint not found") from None
-    except Exception as e:  # truncated / foreign file
-        raise InputError(path, f"cannot read checkpoint ({type(e).__name__}: {e})") from None
+def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint, on the CPU (:func:`restore` moves each part to its device)."""
+    ckpt = load_checkpoint_file(path)
+    if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
+        raise SupremError(f"{path}: not a suprem_net checkpoint (no 'network_weights')")
+    return ckpt
 
 
 def restore(ckpt: dict, *, model, optimizer, schedule, scaler) -> None:

@@ -18,11 +18,14 @@ from tqdm import tqdm
 
 from suprem_net.data.dataset import CaseStore
 from suprem_net.data.loader import close_loader, make_loader
+from suprem_net.device import resolve_device
 from suprem_net.errors import SupremError
 from suprem_net.io.atomic import read_json, write_json
 from suprem_net.labels import LabelScheme
 from suprem_net.losses import make_loss
-from suprem_net.networks import build_network, family_module
+from suprem_net.networks import build_network, get_family
+from suprem_net.paths import dataset_number
+from suprem_net.presets import presets_for_family
 from suprem_net.preprocessing.orientation import network_axes
 from suprem_net.training import checkpoint as ck
 from suprem_net.training.acceleration import compiled, is_compile_failure, prepare_for_training
@@ -33,15 +36,14 @@ from suprem_net.training.progress import (
 )
 from suprem_net.training.schedules import EpochSchedule, make_optimizer
 from suprem_net.training.splits import fold_cases, load_or_create_splits
+from suprem_net.training.validation import validate_fold
+from suprem_net.weights import load_pretrained, resolve_checkpoint
+from suprem_net.weights.heads import own_model_plan, own_model_plan_path
 
 log = logging.getLogger(__name__)
 
-ENCODER_PREFIXES = {
-    "nnunet": ("encoder.",), "resenc": ("encoder.",), "suprem_unet": ("down_tr",),
-    "swinunetr": ("swinViT.", "encoder"), "segresnet": ("convInit", "down_layers"),
-    "unimiss_tiny": ("transformer.",), "unimiss_small": ("transformer.",),  # the pre-trained decoder is not "encoder"
-}
 MAX_NONFINITE = 5
+TRAINING_DEVICES = ("cuda", "cpu")
 OVERRIDABLE = ("epochs", "iterations_per_epoch", "lr", "num_val_iterations")
 
 
@@ -71,14 +73,6 @@ class TrainConfig:
     compile: bool = False             # torch.compile the training step (the CLI turns it on)
 
 
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SupremError("--device cuda: no CUDA device available")
-    return torch.device(name)
-
-
 def precision_setup(precision: str, device: torch.device):
     """(autocast dtype or None, GradScaler or None). CUDA auto: bf16 where supported, else fp16 + scaler."""
     if device.type == "cuda":
@@ -93,7 +87,7 @@ def precision_setup(precision: str, device: torch.device):
 
 
 def parameter_groups(model: torch.nn.Module, family: str, encoder_lr_scale: float) -> tuple[list[dict], list]:
-    prefixes = ENCODER_PREFIXES.get(family, ())
+    prefixes = get_family(family).encoder_prefixes
     enc, rest = [], []
     for name, p in model.named_parameters():
         (enc if name.startswith(prefixes) else rest).append(p)
@@ -118,35 +112,27 @@ def effective_plan(plan: dict, cfg: TrainConfig, world_size: int) -> dict:
 
 
 def load_pretrained_weights(model, plan: dict, name_or_path: str, labels: dict) -> None:
-    try:
-        from suprem_net.weights import load_pretrained
-        from suprem_net.weights.heads import own_model_plan, own_model_plan_path
-    except ImportError as e:
-        raise SupremError(f"--pretrained needs the weights module, which is not available ({e})") from None
     report = load_pretrained(model, name_or_path, family=plan["network"]["family"], target_labels=labels,
                              target_multi_label=LabelScheme.of(plan).multi_label)
-    log.info("pretrained %s", report.summary() if hasattr(report, "summary") else report)
-    dataset = plan["dataset_name"][7:10].lstrip("0") or "0"
+    log.info("pretrained %s", report.summary())
+    dataset = dataset_number(plan["dataset_name"])
+    family = get_family(plan["network"]["family"])
     source_plan = own_model_plan(report.path)
     if source_plan is not None:  # one of our own models: compare the inputs it was trained on
         differs = input_differences(source_plan, plan)
         if differs:
             log.warning("the pre-trained model saw other inputs (%s); re-plan with: suprem_plan_and_preprocess "
                         "-d %s --like %s", "; ".join(differs), dataset, own_model_plan_path(report.path))
-    elif network_axes(plan) != getattr(family_module(plan["network"]["family"]), "AXES", "xyz"):
+    elif network_axes(plan) != family.axes:
         log.warning("the plan %s feeds the network its volumes in (z, y, x) order, transposed from the (x, y, z) "
                     "order the pre-trained backbone learned in (it was written before plans recorded their axis "
                     "order); re-plan with: suprem_plan_and_preprocess -d %s%s --plans-name %s --replan",
                     plan["plans_name"], dataset, f" --preset {plan['preset']}" if plan.get("preset") else "",
                     plan["plans_name"])
-    elif plan.get("preset") is None:
-        from suprem_net.planning.presets import preset_names
-
-        preset = plan["network"]["family"] if plan["network"]["family"] != "nnunet" else "suprem_unet"
-        if preset in preset_names():  # families without a preset (UniMiSS) fine-tune on the dataset's own plan
-            log.warning("the plan %s has no preset, so its spacing, orientation and intensity window differ from "
-                        "what the SuPreM backbone saw in pre-training; re-plan with: suprem_plan_and_preprocess "
-                        "-d %s --preset %s", plan["plans_name"], dataset, preset)
+    elif plan.get("preset") is None and presets_for_family(family.name):  # UniMiSS has none: its own plan
+        log.warning("the plan %s has no preset, so its spacing, orientation and intensity window differ from "
+                    "what the SuPreM backbone saw in pre-training; re-plan with: suprem_plan_and_preprocess "
+                    "-d %s --preset %s", plan["plans_name"], dataset, presets_for_family(family.name)[0])
 
 
 def input_differences(source: dict, plan: dict) -> list[str]:
@@ -181,7 +167,7 @@ class FoldTraining:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.device = select_device(cfg.device)
+        self.device = resolve_device(cfg.device, TRAINING_DEVICES)
         self.dist = dd.init_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
@@ -395,8 +381,6 @@ class FoldTraining:
 
     def run(self) -> dict:
         if self.cfg.pretrained:  # a missing or unknown checkpoint fails before anything is written
-            from suprem_net.weights import resolve_checkpoint
-
             resolve_checkpoint(self.cfg.pretrained)
         handler = attach_log_file(self.fold_dir / "training_log.txt") if self.dist.is_main else None
         try:
@@ -426,8 +410,6 @@ class FoldTraining:
             result = {"epochs": self.epochs, "best_ema": self.best_ema, "history": self.history,
                       "fold_dir": str(self.fold_dir)}
             if self.cfg.final_validation and self.dist.is_main:
-                from suprem_net.training.validation import validate_fold
-
                 result["validation"] = validate_fold(self.plan, self.model, self.store, self.val_ids,
                                                      self.fold_dir / "validation", self.device)
             dd.barrier(self.dist)

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from suprem_net.errors import SupremError
+from suprem_net.evaluation.metrics import dice, normalized_surface_dice
+from suprem_net.inference.inputs import Case, read_case
+from suprem_net.inference.multilabel import predict_multilabel
+from suprem_net.inference.predictor import Predictor
 from suprem_net.io.atomic import write_json
 from suprem_net.io.image import read_image, write_image
 from suprem_net.labels import LabelScheme, channel
@@ -26,9 +29,6 @@ def _clean(v):
 
 
 def _predict_bitmask(predictor, image_paths) -> tuple[np.ndarray, object]:
-    from suprem_net.inference.inputs import Case, read_case
-    from suprem_net.inference.multilabel import predict_multilabel
-
     paths = [Path(p) for p in image_paths]
     images, geometry = read_case(Case(name=paths[0].name, files=paths))
     return predict_multilabel(predictor, images, geometry)[1], geometry
@@ -37,12 +37,6 @@ def _predict_bitmask(predictor, image_paths) -> tuple[np.ndarray, object]:
 def validate_fold(plan: dict, model, store, case_ids: list[str], out_dir: Path, device,
                   tolerance_mm: float = 1.0) -> dict:
     """Predict every case of ``case_ids`` from its raw images and score it against its raw label."""
-    try:
-        from suprem_net.evaluation.metrics import dice, normalized_surface_dice
-        from suprem_net.inference.predictor import Predictor
-    except ImportError as e:
-        raise SupremError(f"final validation needs the predictor and metrics ({e}); "
-                          "pass --skip-final-validation") from None
     model.eval()
     predictor = Predictor.from_model(plan, model, device=device, tta=False)
     labels = {name: int(v) for name, v in plan["labels"].items() if int(v) != 0}

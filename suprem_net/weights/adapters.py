@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from suprem_net.io.checkpoint import WRAPPER_PREFIXES, strip_wrapper_prefixes
+
 logger = logging.getLogger(__name__)
 
 # modules of the CLIP-Driven Universal Model wrapper around the backbone (SuPreM swin/unet files)
@@ -22,7 +24,7 @@ UNIVERSAL_WRAPPER = ("organ_embedding", "precls_conv", "GAP", "controller", "tex
 # self-supervised pretext heads of the Tang et al. SSL model
 TANG_PRETEXT = ("rotation_pre", "rotation_head", "contrastive_pre", "contrastive_head", "conv")
 # generic wrapper prefixes of plain checkpoints (DDP, torch.compile, Lightning-style wrappers)
-PLAIN_PREFIXES = ("module.", "_orig_mod.", "model.", "network.", "net.")
+PLAIN_PREFIXES = WRAPPER_PREFIXES + ("model.", "network.", "net.")
 
 
 # fit(file tensor, the network's shape) -> the tensor in that shape, or None where it cannot be fitted
@@ -233,17 +235,7 @@ def unimiss(sd: dict[str, torch.Tensor], head_key: str | None) -> Adapted:
 def plain(sd: dict[str, torch.Tensor], head_key: str | None) -> Adapted:
     """Any other file (e.g. a fine-tuned network of ours): strip wrapper prefixes, keep every key,
     the head included (it loads when its shape matches)."""
-    out = Adapted()
-    for k, v in sd.items():
-        key = k
-        changed = True
-        while changed:
-            changed = False
-            for p in PLAIN_PREFIXES:
-                if key.startswith(p):
-                    key, changed = key[len(p):], True
-        out.tensors[key] = v
-    return out
+    return Adapted(tensors=strip_wrapper_prefixes(sd, PLAIN_PREFIXES))
 
 
 ADAPTERS: dict[str, Callable[[dict[str, torch.Tensor], str | None], Adapted]] = {
@@ -274,21 +266,3 @@ def infer_adapter(keys: list[str]) -> str:
     if firsts & {"rotation_head", "contrastive_head", "swin_vit"} or any(_TANG_TOP.match(k) for k in stripped):
         return "swin_ssl_tang"
     return "plain"
-
-
-def infer_family(keys: list[str]) -> str | None:
-    """The network family a set of (adapted) keys belongs to, or ``None``."""
-    if "transformer.patch_embed0.conv.weight" in keys:  # UniMiSS: small has a second stage-1 block
-        return "unimiss_small" if "transformer.block1.1.norm1.weight" in keys else "unimiss_tiny"
-    for k in keys:
-        if k.startswith("swinViT."):
-            return "swinunetr"
-        if k.startswith("down_tr64."):
-            return "suprem_unet"
-        if k.startswith("convInit."):
-            return "segresnet"
-        if k.startswith("x8_resb."):
-            return "dodnet"
-        if k.startswith("layer4.0.conv3."):
-            return "med3d"
-    return None

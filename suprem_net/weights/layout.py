@@ -22,6 +22,7 @@ from collections.abc import Mapping
 
 import torch
 
+from suprem_net.networks import build_network, get_family
 from suprem_net.weights.adapters import ADAPTERS, infer_adapter
 from suprem_net.weights.registry import REGISTRY, CheckpointEntry
 
@@ -50,8 +51,6 @@ def published_adapter(sd: Mapping[str, torch.Tensor]) -> str | None:
 
 
 def _network_shapes(entry: CheckpointEntry) -> dict[str, tuple[int, ...]]:
-    from suprem_net.networks import build_network
-
     network = {"family": entry.family, "kwargs": dict(entry.kwargs)}
     try:
         with torch.device("meta"):
@@ -63,9 +62,7 @@ def _network_shapes(entry: CheckpointEntry) -> dict[str, tuple[int, ...]]:
 
 def takes_layout(entry: CheckpointEntry, sd: Mapping[str, torch.Tensor]) -> bool:
     """Whether ``entry``'s adapter turns ``sd`` into tensors its published network takes completely."""
-    from suprem_net.networks import family_module
-
-    head_key = getattr(family_module(entry.family), "HEAD_KEY", None)
+    head_key = get_family(entry.family).head_key
     adapted = ADAPTERS[entry.adapter](dict(sd), head_key)
     shapes = _network_shapes(entry)
     for key, value in adapted.tensors.items():

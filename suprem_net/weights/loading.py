@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,8 @@ import torch
 import torch.nn as nn
 
 from suprem_net.errors import SupremError
+from suprem_net.io.checkpoint import load_checkpoint_file
+from suprem_net.networks import get_family
 from suprem_net.weights.adapters import ADAPTERS, infer_adapter
 from suprem_net.weights.cache import local_path
 from suprem_net.weights.heads import own_model_labels, own_model_plan, transfer_head, transfer_own_head
@@ -93,13 +94,6 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
                       f"(known: {', '.join(REGISTRY)})")
 
 
-def _torch_load(path: Path, allow_namespace: bool):
-    if not allow_namespace:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    with torch.serialization.safe_globals([NAMESPACE]):  # scoped to this read
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def read_state_dict(path: str | os.PathLike, allow_namespace: bool = False) -> dict[str, torch.Tensor]:
     """Load ``path`` with ``weights_only=True`` and return its tensor dict (wrappers unwrapped).
 
@@ -108,22 +102,12 @@ def read_state_dict(path: str | os.PathLike, allow_namespace: bool = False) -> d
     it allowed (a second read of the file)."""
     path = Path(path)
     try:
-        obj = _torch_load(path, allow_namespace)
-    except pickle.UnpicklingError as e:
-        if not allow_namespace and f"{NAMESPACE.__module__}.{NAMESPACE.__name__}" in str(e):
-            logger.debug("%s stores an argparse.Namespace; reading it again with that class allowed", path)
-            return read_state_dict(path, allow_namespace=True)
-        text = " ".join(str(e).split())
-        detail = re.search(r"WeightsUnpickler error: (.*?)(?: Please use| Check the documentation|$)", text)
-        detail_text = (detail.group(1) if detail else text)[:200].rstrip(". ")
-        if "GLOBAL" in text or "global" in detail_text:
-            raise SupremError(f"{path}: contains pickled code; refusing to load ({detail_text}); if you trust it, "
-                              "re-save only its tensors with torch.save(state_dict) and use that file") from None
-        raise SupremError(f"{path}: not a readable PyTorch checkpoint ({detail_text})") from None
-    except EOFError:
-        raise SupremError(f"{path}: not a readable PyTorch checkpoint (empty or truncated file)") from None
-    except (RuntimeError, OSError, ValueError) as e:
-        raise SupremError(f"{path}: not a readable PyTorch checkpoint ({' '.join(str(e).split())[:200]})") from None
+        obj = load_checkpoint_file(path, [NAMESPACE] if allow_namespace else [])
+    except SupremError as e:
+        if allow_namespace or f"{NAMESPACE.__module__}.{NAMESPACE.__name__}" not in str(e):
+            raise
+        logger.debug("%s stores an argparse.Namespace; reading it again with that class allowed", path)
+        return read_state_dict(path, allow_namespace=True)
     seen = []
     while isinstance(obj, Mapping):
         inner = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
@@ -153,39 +137,17 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def model_family(model: nn.Module) -> str | None:
-    """The family of a network built by :mod:`suprem_net.networks`, or ``None``."""
-    from monai.networks.nets import SegResNet, SwinUNETR
-
-    from suprem_net.networks.dodnet import DoDNetUNet3D
-    from suprem_net.networks.med3d import Med3DResNet
-    from suprem_net.networks.suprem_unet import SupremUNet3D
-
-    model = unwrap_model(model)
-    if isinstance(getattr(model, "suprem_family", None), str):  # a family that names itself (UniMiSS)
-        return model.suprem_family
-    if isinstance(model, SupremUNet3D):
-        return "suprem_unet"
-    if isinstance(model, SwinUNETR):
-        return "swinunetr"
-    if isinstance(model, SegResNet):
-        return "segresnet"
-    if isinstance(model, DoDNetUNet3D):
-        return "dodnet"
-    if isinstance(model, Med3DResNet):
-        return "med3d"
-    return None
+    """The family of a network built by :func:`suprem_net.networks.build_network`, or ``None``."""
+    family = getattr(unwrap_model(model), "suprem_family", None)
+    return family if isinstance(family, str) else None
 
 
 def _family_attrs(family: str | None) -> tuple[str | None, tuple[str, ...], str | None]:
     """(plain head key, input-layer keys, regex of every output head's key prefix) of a family."""
     if family is None:
         return None, (), None
-    from suprem_net.networks import family_module
-
-    mod = family_module(family)
-    head_key = getattr(mod, "HEAD_KEY", None)
-    pattern = getattr(mod, "HEAD_PATTERN", None) or (re.escape(head_key) if head_key else None)
-    return head_key, tuple(getattr(mod, "INPUT_KEYS", ())), pattern
+    fam = get_family(family)
+    return fam.head_key, fam.input_keys, fam.heads
 
 
 def load_pretrained(model: nn.Module, name_or_path: str | os.PathLike, family: str | None = None,

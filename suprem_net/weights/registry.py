@@ -1,6 +1,6 @@
 """The pre-trained checkpoint zoo of the SuPreM model table, as data.
 
-One :class:`CheckpointEntry` per downloadable file. ``family`` / ``kwargs`` say which network of
+One :class:`CheckpointEntry` per downloadable file. ``family`` (with its published kwargs) says which network of
 :mod:`suprem_net.networks` the file loads into, ``adapter`` names the key remapping of
 :mod:`suprem_net.weights.adapters`, and ``expected_tensors`` is the number of backbone tensors
 (state-dict entries, buffers included) that must load, or the load is refused. ``size`` (bytes)
@@ -13,16 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from suprem_net.labels import ABDOMENATLAS_25, UNIVERSAL_32
+from suprem_net.networks import get_family
 
 HF_BASE = "https://huggingface.co/MrGiovanni/SuPreM/resolve/main/"
-
-# published architectures (what ``kwargs={}`` builds, spelled out)
-SWIN_KWARGS = {"feature_size": 48, "legacy_patch_merging": True}
-UNET_KWARGS = {"act": "relu", "batch_stats_always": True}
-DODNET_KWARGS = {"weight_std": True}
-MED3D_KWARGS = {"layers": [3, 4, 23, 3]}
-SEGRESNET_KWARGS = {"init_filters": 16, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1], "dropout_prob": 0.0}
-UNIMISS_KWARGS = {"img_size": [48, 192, 192]}  # UniMiSS's default fine-tuning patch; plans use their own
 
 
 @dataclass(frozen=True)
@@ -30,7 +23,6 @@ class CheckpointEntry:
     name: str
     title: str                      # the model table's name
     family: str | None              # network family, None when the architecture is not supported
-    kwargs: dict                    # plan network kwargs of the published architecture
     params: str                     # as published in the table (SegResNet corrected)
     data: str                       # pre-training data
     file: str
@@ -52,10 +44,16 @@ class CheckpointEntry:
     checksum_note: str = ""         # where size and sha256 come from; "unverified" when not checked
     size_note: str = ""             # an approximate size where the exact one is unknown
     allow_namespace: bool = False   # the file stores an argparse.Namespace (allowed in its read only)
+    preset: str | None = None       # the preset of the input distribution it was pre-trained on
 
     @property
     def status(self) -> str:
         return "supported" if self.supported else "not yet supported"
+
+    @property
+    def kwargs(self) -> dict:
+        """Plan network kwargs of the published architecture (the family's own)."""
+        return get_family(self.family).published_kwargs if self.family else {}
 
 
 _DBX = "https://www.dropbox.com/scl/fi/"
@@ -68,7 +66,7 @@ def _unimiss(variant: str, params: str, dropbox: str, rlkey: str, counts: tuple[
     loaded, student, encoder, decoder, two_d = counts
     file = f"self_supervised_unimiss_nnunet_{variant}_5022.pth"
     return CheckpointEntry(
-        name=f"unimiss_{variant}", title=f"UniMiSS ({variant})", family=f"unimiss_{variant}", kwargs=UNIMISS_KWARGS,
+        name=f"unimiss_{variant}", title=f"UniMiSS ({variant})", family=f"unimiss_{variant}",
         params=f"{params} ({variant}; at 48x192x192 with 14 classes, the count grows with the patch)",
         data="5022 CT&MRI", file=file, url=HF_BASE + file, mirror_url=f"{_DBX}{dropbox}/{file}?rlkey={rlkey}&dl=0",
         adapter="unimiss", expected_tensors=loaded, head="pretext", source="YtongXie/UniMiSS-code",
@@ -83,7 +81,7 @@ def _unimiss(variant: str, params: str, dropbox: str, rlkey: str, counts: tuple[
 _ENTRIES: tuple[CheckpointEntry, ...] = (
     # ---- Swin UNETR ----
     CheckpointEntry(
-        name="tang_swinunetr", title="Tang et al.", family="swinunetr", kwargs=SWIN_KWARGS, params="62.19M",
+        name="tang_swinunetr", title="Tang et al.", family="swinunetr", params="62.19M",
         data="5050 CT", file="self_supervised_nv_swin_unetr_5050.pt",
         url=_DBX + "7v0ohio4dhaod8azg0unw/self_supervised_nv_swin_unetr_5050.pt"
                    "?rlkey=rq03hg6guq9kpi4uqpbkte41d&dl=0",
@@ -94,7 +92,7 @@ _ENTRIES: tuple[CheckpointEntry, ...] = (
               "(module.layersN..., mlp.fc1/fc2) are both accepted.",
     ),
     CheckpointEntry(
-        name="valanarasu_swinunetr", title="Jose Valanarasu et al.", family="swinunetr", kwargs=SWIN_KWARGS,
+        name="valanarasu_swinunetr", title="Jose Valanarasu et al.", family="swinunetr",
         params="62.19M", data="50000 CT/MRI", file="self_supervised_nv_swin_unetr_50000.pth",
         url=_DBX + "ymw3zt4aawa1fvo1o7saj/self_supervised_nv_swin_unetr_50000.pth"
                    "?rlkey=sanmzwl9ez1xub9y94fiozogk&dl=0",
@@ -105,7 +103,7 @@ _ENTRIES: tuple[CheckpointEntry, ...] = (
               "decoder entries (up to 157 in all) load too when the file has them.",
     ),
     CheckpointEntry(
-        name="universal_swinunetr", title="Universal Model", family="swinunetr", kwargs=SWIN_KWARGS,
+        name="universal_swinunetr", preset="suprem_swinunetr", title="Universal Model", family="swinunetr",
         params="62.19M", data="2100 CT", file="supervised_clip_driven_universal_swin_unetr_2100.pth",
         url=_DBX + "v7fg5cesxx6hra6stln09/supervised_clip_driven_universal_swin_unetr_2100.pth"
                    "?rlkey=2pubjk679ai5s59g8884318r8&dl=0",
@@ -115,7 +113,7 @@ _ENTRIES: tuple[CheckpointEntry, ...] = (
               "precls_conv, GAP, controller, text_to_vision) is dropped.",
     ),
     CheckpointEntry(
-        name="suprem_swinunetr", title="SuPreM", family="swinunetr", kwargs=SWIN_KWARGS, params="62.19M",
+        name="suprem_swinunetr", preset="suprem_swinunetr", title="SuPreM", family="swinunetr", params="62.19M",
         size_note="about 759 MB (third-party report)",
         data="2100 CT", file="supervised_suprem_swinunetr_2100.pth", url=HF_BASE + "supervised_suprem_swinunetr_2100.pth",
         mirror_url=_DBX + "gd1d7k9mac5azpwurds66/supervised_suprem_swinunetr_2100.pth"
@@ -126,7 +124,7 @@ _ENTRIES: tuple[CheckpointEntry, ...] = (
     ),
     # ---- U-Net ----
     CheckpointEntry(
-        name="models_genesis_unet", title="Models Genesis", family="suprem_unet", kwargs=UNET_KWARGS,
+        name="models_genesis_unet", title="Models Genesis", family="suprem_unet",
         params="19.08M", data="623 CT", file="self_supervised_models_genesis_unet_620.pt",
         url=_DBX + "h9006v3bhxjlg6x1yvcge/self_supervised_models_genesis_unet_620.pt"
                    "?rlkey=2wqm80i5hvrktpk6n7ye3hc55&dl=0",
@@ -146,7 +144,7 @@ _ENTRIES: tuple[CheckpointEntry, ...] = (
              checksum_note="from the Git-LFS pointer of MrGiovanni/SuPreM commit 1620408 (the host's own record; "
                            "the file itself was not hashed here)"),
     CheckpointEntry(
-        name="med3d", title="Med3D", family="med3d", kwargs=MED3D_KWARGS, params="85.75M", data="1638 CT",
+        name="med3d", title="Med3D", family="med3d", params="85.75M", data="1638 CT",
         file="supervised_med3D_residual_unet_1623.pth",
         url=_DBX + "dv2u26f5ibwvkd0wgf8sj/supervised_med3D_residual_unet_1623.pth"
                    "?rlkey=h7ddvgilv27esypjh8w4hrhgb&dl=0",
@@ -158,7 +156,7 @@ _ENTRIES: tuple[CheckpointEntry, ...] = (
               "conv load when present.",
     ),
     CheckpointEntry(
-        name="dodnet", title="DoDNet", family="dodnet", kwargs=DODNET_KWARGS, params="17.29M", data="920 CT",
+        name="dodnet", title="DoDNet", family="dodnet", params="17.29M", data="920 CT",
         file="supervised_dodnet_unet_920.pth",
         url=_DBX + "wf5xuoqe2pa8xky6rwhv1/supervised_dodnet_unet_920.pth?rlkey=c6g94jxukuan4osxldbrpwbix&dl=0",
         adapter="dodnet", expected_tensors=103, backbone_params=17_285_920, head="dynamic",
@@ -169,7 +167,7 @@ _ENTRIES: tuple[CheckpointEntry, ...] = (
               "itself was not available to check.",
     ),
     CheckpointEntry(
-        name="universal_unet", title="Universal Model", family="suprem_unet", kwargs=UNET_KWARGS, params="19.08M",
+        name="universal_unet", preset="suprem_unet", title="Universal Model", family="suprem_unet", params="19.08M",
         data="2100 CT", file="supervised_clip_driven_universal_unet_2100.pth",
         url=_DBX + "k6yffxaavofwtkut076t0/supervised_clip_driven_universal_unet_2100.pth"
                    "?rlkey=myf71pu6v8j16bwv4ouoz4xov&dl=0",
@@ -178,7 +176,7 @@ _ENTRIES: tuple[CheckpointEntry, ...] = (
         notes="checkpoint['net'] with module.backbone.<UNet3D key>; the CLIP wrapper is dropped.",
     ),
     CheckpointEntry(
-        name="suprem_unet", title="SuPreM", family="suprem_unet", kwargs=UNET_KWARGS, params="19.08M",
+        name="suprem_unet", preset="suprem_unet", title="SuPreM", family="suprem_unet", params="19.08M",
         size_note="about 233 MB (third-party report)",
         data="2100 CT", file="supervised_suprem_unet_2100.pth", url=HF_BASE + "supervised_suprem_unet_2100.pth",
         mirror_url=_DBX + "r5ti0vj6sgrengvvmez1k/supervised_suprem_unet_2100.pth"
@@ -189,7 +187,7 @@ _ENTRIES: tuple[CheckpointEntry, ...] = (
     ),
     # ---- SegResNet ----
     CheckpointEntry(
-        name="suprem_segresnet", title="SuPreM", family="segresnet", kwargs=SEGRESNET_KWARGS,
+        name="suprem_segresnet", preset="suprem_segresnet", title="SuPreM", family="segresnet",
         params="4.70M (README first said 470.13M)", data="2100 CT", file="supervised_suprem_segresnet_2100.pth",
         sha256="2db81dc05cd9ea7234ca75e921e53e32b8716dc4cba88a6710742bfc282589a3", size_note="about 56.5 MB",
         checksum_note="unverified: SHA-256 and size from a third-party report",
@@ -236,3 +234,8 @@ def head_classes_for(entry: CheckpointEntry, n_outputs: int) -> tuple[str, ...] 
     if n_outputs == len(UNIVERSAL_32):
         return UNIVERSAL_32
     return None
+
+
+def zero_shot_names() -> list[str]:
+    """Entries whose file carries a whole segmentation model (the CLIP-driven Universal-Model head)."""
+    return [e.name for e in _ENTRIES if e.head == "universal" and e.supported]

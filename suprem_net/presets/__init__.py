@@ -1,4 +1,7 @@
-"""Backbone presets (``plans/*.json``, installed as ``suprem_net.presets``)."""
+"""Backbone presets: one JSON per pre-trained backbone in this folder (configuration as data), giving
+the input distribution it was pre-trained on (orientation, spacing, intensity window, patch) and its
+fine-tuning recipe. ``network.kwargs`` in a preset overrides the family's published kwargs (``{}``:
+the published network)."""
 from __future__ import annotations
 
 import json
@@ -16,6 +19,11 @@ def load_preset(name: str) -> dict:
     if not path.is_file():
         raise SupremError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def presets_for_family(family: str) -> list[str]:
+    """The presets whose network is ``family``."""
+    return [n for n in preset_names() if load_preset(n)["network"]["family"] == family]
 
 
 def _folder():
