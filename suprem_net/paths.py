@@ -29,8 +29,9 @@ def location(kind: str, override: str | os.PathLike | None = None) -> Path:
     return Path.cwd() / _DEFAULT_ROOT / kind
 
 
-def resolve_dataset_name(dataset: str, raw_root: Path, preprocessed_root: Path | None = None) -> str:
-    """Turn ``-d 3``, ``-d 003`` or ``-d Dataset003_Liver`` into the full folder name."""
+def resolve_dataset_name(dataset: str, *roots: Path | None) -> str:
+    """Turn ``-d 3``, ``-d 003`` or ``-d Dataset003_Liver`` into the full folder name, looking for
+    ``Dataset003_*`` in ``roots`` (e.g. the raw and preprocessed folders, or the results folder)."""
     dataset = str(dataset).strip()
     if re.fullmatch(r"Dataset\d{3}_.+", dataset):
         return dataset
@@ -38,15 +39,14 @@ def resolve_dataset_name(dataset: str, raw_root: Path, preprocessed_root: Path |
         raise SupremError(f"dataset {dataset!r}: give a number (e.g. 3) or a full name (e.g. Dataset003_Liver)")
     prefix = f"Dataset{int(dataset):03d}_"
     candidates: set[str] = set()
-    for root in (raw_root, preprocessed_root):
+    for root in roots:
         if root is not None and root.is_dir():
             candidates.update(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix))
     if not candidates:
-        searched = ", ".join(str(r) for r in (raw_root, preprocessed_root) if r is not None)
-        raise SupremError(
-            f"dataset {dataset}: no folder {prefix}* in {searched} "
-            "(set SUPREM_raw / SUPREM_preprocessed or pass --raw / --preprocessed)"
-        )
+        searched = ", ".join(str(r) for r in roots if r is not None)
+        raise SupremError(f"dataset {dataset}: no folder {prefix}* in {searched} "
+                          "(set SUPREM_raw / SUPREM_preprocessed / SUPREM_results or pass --raw / --preprocessed / "
+                          "--results)")
     if len(candidates) > 1:
         raise SupremError(f"dataset {dataset}: several folders match: {', '.join(sorted(candidates))}")
     return candidates.pop()

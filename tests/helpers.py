@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from suprem_net import api
 from suprem_net.synthetic import SyntheticSpec
 
 DS = "Dataset901_SynthAbdomen"
@@ -52,11 +53,10 @@ def write_model_dir(raw_root, pp_root, results_root, network: dict, patch, datas
 
     import torch
 
-    from suprem_net.cli.plan_and_preprocess import main as plan_main
     from suprem_net.networks import build_network
 
-    assert plan_main(["-d", dataset, "--raw", str(raw_root), "--preprocessed", str(pp_root), "--no-preprocess",
-                      "--device", "cpu", "-np", "1"]) == 0
+    api.plan_and_preprocess(dataset, raw=raw_root, preprocessed=pp_root, preprocess=False, device="cpu",
+                            num_processes=1)
     plan = json.loads((pp_root / dataset / "suprem_plans.json").read_text())
     plan["network"], plan["patch_size"] = network, list(patch)
     torch.manual_seed(0)

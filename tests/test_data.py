@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from suprem_net.cli.plan_and_preprocess import main as plan_main
+from suprem_net import api
 from suprem_net.data.augmentation import ELASTIC_ALPHA, ELASTIC_SIGMA, AugmentationConfig, SpatialAugmentation
 from suprem_net.data.dataset import CaseStore
 from suprem_net.data.loader import close_loader, make_loader
@@ -23,13 +23,13 @@ def store_and_plan(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     spec = SyntheticSpec(num_cases=3, num_classes=2, fov_mm=(60, 80, 80), inplane_spacing=(2, 2), z_spacing=(3, 3))
     write_raw_dataset(root / "raw", 902, spec, num_test=0)
-    plan_main(["-d", "902", "--raw", str(root / "raw"), "--preprocessed", str(root / "pp"), "--device", "cpu",
-               "-np", "1", "--no-preprocess"])
+    api.plan_and_preprocess("902", raw=root / "raw", preprocessed=root / "pp", device="cpu", num_processes=1,
+                            preprocess=False)
     plan_path = root / "pp" / DS / "suprem_plans.json"
     plan = json.loads(plan_path.read_text())
     plan["patch_size"] = [16, 24, 24]
     plan_path.write_text(json.dumps(plan))
-    plan_main(["-d", "902", "--raw", str(root / "raw"), "--preprocessed", str(root / "pp"), "-np", "1"])
+    api.plan_and_preprocess("902", raw=root / "raw", preprocessed=root / "pp", num_processes=1)
     return CaseStore(root / "pp" / DS / plan["data_identifier"]), plan
 
 

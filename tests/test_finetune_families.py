@@ -6,7 +6,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from suprem_net.cli.plan_and_preprocess import main as plan_main
+from suprem_net import api
 from suprem_net.cli.train import main as train_main
 from suprem_net.networks import build_network
 from tests.helpers import universal_checkpoint
@@ -44,15 +44,15 @@ def test_finetune_each_suprem_family(name, tiny_raw, tmp_path, monkeypatch, capl
     entry = get_entry(name)
     source = _published_checkpoint(name, family, weights / entry.file)
     pp, results = tmp_path / "pp", tmp_path / "results"
-    assert plan_main(["-d", "901", "--raw", str(tmp_path / "raw"), "--preprocessed", str(pp), "--device", "cpu",
-                      "-np", "1", "--preset", name, "--no-preprocess"]) == 0
+    api.plan_and_preprocess("901", raw=tmp_path / "raw", preprocessed=pp, device="cpu", num_processes=1, preset=name,
+                            preprocess=False)
     plan_path = pp / tiny_raw.name / f"{name}_plans.json"
     plan = json.loads(plan_path.read_text())
     assert plan["network"]["family"] == family and plan["orientation"] == "RAS"
     plan["patch_size"] = [patch] * 3  # test speed; the preset keeps 96^3 on a GPU plan
     plan_path.write_text(json.dumps(plan))
-    assert plan_main(["-d", "901", "--raw", str(tmp_path / "raw"), "--preprocessed", str(pp), "--device", "cpu",
-                      "-np", "1", "--plans-name", f"{name}_plans"]) == 0
+    api.plan_and_preprocess("901", raw=tmp_path / "raw", preprocessed=pp, device="cpu", num_processes=1,
+                            plans_name=f"{name}_plans")
     caplog.set_level("INFO")
     assert train_main(["901", "0", "--plans", f"{name}_plans", "--pretrained", name, "--raw", str(tmp_path / "raw"),
                        "--preprocessed", str(pp), "--results", str(results), "--epochs", "1",

@@ -252,7 +252,7 @@ def test_cli_tta_and_skip_done(model_dir, unlabelled_images, tmp_path, capsys):
     capsys.readouterr()
     stamp = (out / "BDMAP_A.nii.gz").stat().st_mtime_ns
     assert predict_main(["-i", str(inp), "-o", str(out), "-m", str(model_dir), "--no-tta", "--step-size", "1"]) == 0
-    assert "1 already done, predicting 1" in capsys.readouterr().out
+    assert "1 already done, wrote 1 to" in capsys.readouterr().out
     assert (out / "BDMAP_A.nii.gz").stat().st_mtime_ns == stamp and (out / "BDMAP_B.nii.gz").is_file()
     a, _ = read_image(out / "BDMAP_A.nii.gz", dtype=np.uint8)
     b, _ = read_image(out / "BDMAP_B.nii.gz", dtype=np.uint8)

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from suprem_net import api
 from suprem_net.cli.merge_datasets import main as merge_main
-from suprem_net.cli.plan_and_preprocess import main as plan_main
 from suprem_net.io.image import read_image
 from suprem_net import labels as bitmask
 from suprem_net.synthetic import SyntheticSpec, write_raw_dataset
@@ -112,7 +112,7 @@ def test_merge_resume_train_and_predict_all_classes(raw, tmp_path, monkeypatch, 
     from suprem_net.cli.train import main as train_main
 
     pp, results = tmp_path / "pp", tmp_path / "results"
-    assert plan_main(["-d", "913", "--raw", str(raw), "--preprocessed", str(pp), "--device", "cpu", "-np", "1"]) == 0
+    api.plan_and_preprocess("913", raw=raw, preprocessed=pp, device="cpu", num_processes=1)
     plan = shrink_plan(pp / "Dataset913_Merged" / "suprem_plans.json", network=tiny_net(), epochs=2,
                        iterations_per_epoch=2, num_val_iterations=1)
     assert plan["num_classes"] == 5 and plan["training"]["loss"] == "dice_bce"

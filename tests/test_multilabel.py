@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from suprem_net.cli.plan_and_preprocess import main as plan_main
+from suprem_net import api
 from suprem_net.io.image import read_image
 from suprem_net.preprocessing.resampling import resample_bitmask
 from suprem_net import labels as bitmask
@@ -40,8 +40,7 @@ def ml_root(tmp_path_factory) -> Path:
     write_abdomenatlas(root / "atlas", spec, missing=MISSING)
     assert convert_main([str(root / "atlas"), "-d", "903", "--name", "AtlasML", "--raw", str(root / "raw"),
                          "--multi-label", "-np", "1"]) == 0
-    assert plan_main(["-d", "903", "--raw", str(root / "raw"), "--preprocessed", str(root / "pp"),
-                      "--device", "cpu", "-np", "1"]) == 0
+    api.plan_and_preprocess("903", raw=root / "raw", preprocessed=root / "pp", device="cpu", num_processes=1)
     _shrink_plan(root / "pp", ML_DS)
     return root
 
@@ -164,8 +163,7 @@ def test_pretrain_multilabel_finetune_softmax_and_predict_per_organ(ml_root, tmp
     write_raw_dataset(ml_root / "raw", 904, SyntheticSpec(num_cases=3, num_classes=2, fov_mm=(60, 80, 80),
                                                           inplane_spacing=(3, 3), z_spacing=(4, 4)),
                       num_test=0, name="Target")
-    assert plan_main(["-d", "904", "--raw", str(ml_root / "raw"), "--preprocessed", str(ml_root / "pp"),
-                      "--device", "cpu", "-np", "1"]) == 0
+    api.plan_and_preprocess("904", raw=ml_root / "raw", preprocessed=ml_root / "pp", device="cpu", num_processes=1)
     _shrink_plan(ml_root / "pp", SL_DS)
     caplog.set_level(logging.INFO)
     assert train_main(["904", "0", "--raw", str(ml_root / "raw"), *common, "--epochs", "1",
@@ -217,7 +215,7 @@ def test_single_label_partial_labels_use_the_marginal_loss(ml_root, tmp_path):
     raw, pp = tmp_path / "raw", tmp_path / "pp"
     assert convert_main([str(ml_root / "atlas"), "-d", "905", "--name", "AtlasSL", "--raw", str(raw), "-np", "1"]) == 0
     assert "label_encoding" not in json.loads((raw / "Dataset905_AtlasSL" / "dataset.json").read_text())
-    assert plan_main(["-d", "905", "--raw", str(raw), "--preprocessed", str(pp), "--device", "cpu", "-np", "1"]) == 0
+    api.plan_and_preprocess("905", raw=raw, preprocessed=pp, device="cpu", num_processes=1)
     plan = _shrink_plan(pp, "Dataset905_AtlasSL")
     assert plan["num_classes"] == 5 and "label_encoding" not in plan
     data = pp / "Dataset905_AtlasSL" / "suprem_plans"

@@ -114,7 +114,7 @@ def test_abdomenatlas_layout_round_trips_through_the_converter(model_dir, unlabe
     # asking for statistics afterwards predicts again only because they are missing
     assert predict_main(["-i", str(atlas_in), "-o", str(out), "-m", str(model_dir), *FAST,
                          "--per-organ", "--statistics"]) == 0
-    assert "0 already done, predicting 2" in capsys.readouterr().out
+    assert "0 already done, wrote 2 to" in capsys.readouterr().out
     assert sorted(p.name for p in (out / "BDMAP_00000001").iterdir()) == [
         "combined_labels.nii.gz", "segmentations", "statistics.csv", "statistics.json"]
     for case in ("BDMAP_00000001", "BDMAP_00000002"):  # the CT beside the predictions: a full AbdomenAtlas case

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from suprem_net.cli.plan_and_preprocess import main as plan_main
+from suprem_net import api
 from suprem_net.synthetic import SyntheticSpec, write_raw_dataset
 from suprem_net.losses import SegmentationLoss, deep_supervision_weights
 from suprem_net.training.schedules import lr_factor
@@ -29,8 +29,7 @@ def tiny_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train")
     spec = SyntheticSpec(num_cases=4, num_classes=2, fov_mm=(60, 80, 80), inplane_spacing=(2, 2), z_spacing=(3, 3))
     write_raw_dataset(root / "raw", 901, spec, num_test=0)
-    assert plan_main(["-d", "901", "--raw", str(root / "raw"), "--preprocessed", str(root / "pp"), "--device",
-                      "cpu", "-np", "1"]) == 0
+    api.plan_and_preprocess("901", raw=root / "raw", preprocessed=root / "pp", device="cpu", num_processes=1)
     shrink_plan(root / "pp" / DS / "suprem_plans.json", network=TINY_NET, epochs=3, iterations_per_epoch=3,
                 num_val_iterations=2)
     return root

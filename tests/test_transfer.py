@@ -12,7 +12,7 @@ from suprem_net.networks import build_network
 from suprem_net.synthetic import write_raw_dataset
 from suprem_net.training.trainer import input_differences
 from suprem_net.weights import load_pretrained
-from tests.helpers import tiny_net, tiny_spec, write_model_dir
+from tests.helpers import tiny_net, tiny_spec, user_error, write_model_dir
 
 SOURCE, TARGET = "Dataset901_SynthAbdomen", "Dataset902_Target"
 
@@ -48,9 +48,8 @@ def test_plan_like_refuses_a_file_that_is_no_plan(source_and_target, tmp_path, c
     raw, pp, _ = source_and_target
     bad = tmp_path / "x.json"
     bad.write_text('{"a": 1}', encoding="utf-8")
-    with pytest.raises(SystemExit) as e:
-        plan_main(["-d", "902", "--raw", str(raw), "--preprocessed", str(pp), "--like", str(bad)])
-    assert e.value.code == 2 and "not a suprem_net plan" in capsys.readouterr().err
+    user_error(plan_main, ["-d", "902", "--raw", str(raw), "--preprocessed", str(pp), "--like", str(bad)], capsys,
+               str(bad), "unknown key 'a'")
     assert not (pp / TARGET).exists()  # refused before the fingerprint or anything else is written
 
 

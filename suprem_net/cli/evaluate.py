@@ -4,9 +4,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from pathlib import Path
 
+from suprem_net import api
 from suprem_net.cli._common import setup_logging, user_errors_exit_2
+from suprem_net.errors import SupremError
+from suprem_net.evaluation.evaluate import parse_labels
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,22 +53,13 @@ def format_table(summary: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from suprem_net.errors import SupremError
-    from suprem_net.evaluation.evaluate import evaluate_folders, parse_labels, write_summary
-
     if args.num_workers < 1:
         raise SupremError(f"-np must be >= 1, got {args.num_workers}")
-    labels = parse_labels(args.labels)
-    out_json = Path(args.output) if args.output else Path(args.pred) / "summary.json"
-    if out_json.suffix.lower() == ".csv":
-        raise SupremError(f"-o {out_json}: give the JSON path; the CSV is written next to it")
-    out_csv = out_json.with_suffix(".csv")
-    summary = evaluate_folders(args.ref, args.pred, labels, tolerance_mm=args.tolerance,
-                               num_workers=args.num_workers)
-    write_summary(summary, out_json, out_csv)
+    summary = api.evaluate(args.ref, args.pred, parse_labels(args.labels), tolerance_mm=args.tolerance,
+                           output=args.output, num_workers=args.num_workers)
     print(f"{len(summary['cases'])} case(s), NSD tolerance {summary['tolerance_mm']:g} mm")
     print(format_table(summary))
-    print(f"wrote {out_json} and {out_csv}")
+    print(f"wrote {' and '.join(summary['written'])}")
     return 0
 
 

@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 
+from suprem_net import api
 from suprem_net.cli._common import setup_logging, user_errors_exit_2
-from suprem_net.paths import location, resolve_dataset_name
-from suprem_net.training.trainer import TrainConfig, train_fold
-
-log = logging.getLogger("suprem_net")
+from suprem_net.plan import DEFAULT_PLANS_NAME
 
 
 def _positive(kind):
@@ -33,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Multi-GPU: torchrun --nproc_per_node N -m suprem_net.cli.train ...")
     p.add_argument("dataset", help="dataset number (e.g. 3) or full name (Dataset003_Liver)")
     p.add_argument("fold", help="fold 0..4, or 'all' (train and validate on every case)")
-    p.add_argument("--plans", default="suprem_plans", help="plans name (default suprem_plans)")
+    p.add_argument("--plans", default=DEFAULT_PLANS_NAME, help=f"plans name (default {DEFAULT_PLANS_NAME})")
     p.add_argument("--pretrained", metavar="NAME|PATH", help="start from a zoo checkpoint (see suprem_weights) or a file")
     p.add_argument("--freeze-encoder-epochs", type=int, default=0, metavar="N",
                    help="keep the encoder fixed for the first N epochs")
@@ -48,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 (else fp16 + grad scaling) on CUDA, fp32 on CPU")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=_compile_default(),
-                   help="torch.compile the model and loss: about 0.8x the time per iteration on 2 CPU cores, after "
-                        "a one-off compilation of ~30 s (seconds when cached); default on, or $SUPREM_compile=0|1")
+                   help="torch.compile the model and loss (faster iterations after a one-off compilation, seconds "
+                        "when cached; docs/benchmarks.md); default on, or $SUPREM_compile=0|1")
     p.add_argument("--num-workers", type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1)),
                    help="augmentation worker processes (0: in the training process)")
     p.add_argument("--seed", type=int, default=0)
@@ -73,10 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    pp_root = location("preprocessed", args.preprocessed)
-    name = resolve_dataset_name(args.dataset, location("raw", args.raw), pp_root)
-    cfg = TrainConfig(
-        dataset=name, fold=args.fold, preprocessed_root=pp_root, results_root=location("results", args.results),
+    result = api.train(
+        args.dataset, args.fold, raw=args.raw, preprocessed=args.preprocessed, results=args.results,
         plans_name=args.plans,
         overrides={"epochs": args.epochs, "iterations_per_epoch": args.iterations_per_epoch, "lr": args.lr,
                    "num_val_iterations": args.val_iterations},
@@ -85,7 +80,6 @@ def main(argv=None) -> int:
         freeze_encoder_epochs=args.freeze_encoder_epochs, encoder_lr_scale=args.encoder_lr_scale,
         elastic=args.elastic, augment=not args.no_augmentation, final_validation=not args.skip_final_validation,
         deterministic=args.deterministic, progress_bar=not args.no_progress_bar, compile=args.compile)
-    result = train_fold(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         h = result["history"]
         last = h["pseudo_dice"][-1] if h["pseudo_dice"] else []

@@ -16,6 +16,9 @@ from pathlib import Path
 
 from suprem_net.cli._common import setup_logging, user_errors_exit_2
 from suprem_net.errors import SupremError
+from suprem_net.weights import REGISTRY, get_entry, import_file, local_path, verify_cache, weights_dir
+from suprem_net.weights.check import check_checkpoint
+from suprem_net.weights.download import download_many
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,8 +50,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_list() -> None:
-    from suprem_net.weights import REGISTRY, local_path, weights_dir
-
     rows = [("name", "family", "params", "pre-training data", "status", "local file")]
     for e in REGISTRY.values():
         rows.append((e.name, e.family or "-", e.params.split(" ")[0], e.data, e.status,
@@ -61,8 +62,6 @@ def _cmd_list() -> None:
 
 
 def _cmd_info(name: str) -> None:
-    from suprem_net.weights import REGISTRY, get_entry, local_path
-
     e = get_entry(name)
     if e is None:
         raise SupremError(f"unknown pretrained weights {name!r} (known: {', '.join(REGISTRY)})")
@@ -97,9 +96,6 @@ def _read_labels(path: Path) -> dict:
 
 
 def _cmd_download(args: argparse.Namespace) -> None:
-    from suprem_net.weights import REGISTRY, get_entry
-    from suprem_net.weights.download import download_many
-
     if args.all == bool(args.names):
         raise SupremError("download: give registry names or --all")
     entries = list(REGISTRY.values()) if args.all else [get_entry(n) for n in args.names]
@@ -111,15 +107,11 @@ def _cmd_download(args: argparse.Namespace) -> None:
 
 
 def _cmd_import(args: argparse.Namespace) -> None:
-    from suprem_net.weights import import_file
-
     entry, path = import_file(args.file, args.name, progress=True)
     print(f"{entry.name}: {path}")
 
 
 def _cmd_verify() -> None:
-    from suprem_net.weights import verify_cache, weights_dir
-
     results = verify_cache(progress=True)
     print(f"weights folder: {weights_dir()}")
     for r in results:
@@ -133,34 +125,10 @@ def _cmd_verify() -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> None:
-    from suprem_net.networks import FAMILY_NAMES, build_network, family_of_keys
-    from suprem_net.weights import get_entry, load_pretrained, read_state_dict, resolve_checkpoint
-    from suprem_net.weights.adapters import ADAPTERS, infer_adapter
-    from suprem_net.weights.layout import entry_for_layout
-    from suprem_net.weights.registry import entry_for_file
-
-    entry = get_entry(args.source)
-    if entry is not None and not entry.supported:
-        raise SupremError(f"pretrained weights {entry.name!r}: {entry.unsupported_reason}")
-    path = resolve_checkpoint(args.source)
-    entry = entry or entry_for_file(path.name)
-    if entry is None and not args.family:
-        entry = entry_for_layout(read_state_dict(path))  # a published file under another name
-    family = args.family or (entry.family if entry else None)
-    if family is None:
-        sd = read_state_dict(path)
-        family = family_of_keys(ADAPTERS[infer_adapter(list(sd))](sd, None).tensors)
-        if family is None:
-            raise SupremError(f"{path}: cannot tell the network family from its keys; pass --family "
-                              f"({', '.join(FAMILY_NAMES)})")
     labels = _read_labels(args.labels) if args.labels else None
-    num_classes = args.num_classes
-    if labels:
-        values = [v for v in labels.values() if isinstance(v, int) and not isinstance(v, bool)]
-        num_classes = max(num_classes, max(values, default=0) + 1)
-    kwargs = dict(entry.kwargs) if entry is not None and entry.family == family else {}
-    model = build_network({"family": family, "kwargs": kwargs}, args.in_channels, num_classes)
-    report = load_pretrained(model, path, family=family, target_labels=labels)
+    report, network, num_classes = check_checkpoint(args.source, family=args.family, num_classes=args.num_classes,
+                                                    in_channels=args.in_channels, labels=labels)
+    family, kwargs = network["family"], network["kwargs"]
     c = report.counts()
     print(f"source      {report.source}")
     print(f"file        {report.path}")

@@ -22,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from suprem_net.errors import InputError
-from suprem_net.io.image import IMAGE_ENDINGS, Geometry, _check_3d, _short, read_image, strip_ending
+from suprem_net.io.image import IMAGE_ENDINGS, Geometry, check_3d, short_error, read_image, strip_ending
 
 logger = logging.getLogger(__name__)
 
@@ -154,8 +154,8 @@ def read_dicom(folder: Path) -> tuple[np.ndarray, Geometry]:
     try:
         img = reader.Execute()
     except RuntimeError as e:
-        raise InputError(folder, f"cannot read DICOM series ({_short(e)})") from None
-    _check_3d(img, folder)
+        raise InputError(folder, f"cannot read DICOM series ({short_error(e)})") from None
+    check_3d(img, folder)
     return sitk.GetArrayFromImage(img).astype(np.float32), Geometry.from_sitk(img)
 
 

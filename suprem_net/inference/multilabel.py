@@ -23,6 +23,7 @@ from suprem_net.inference.export import resampled_slabs
 from suprem_net.io.image import Geometry, write_image
 from suprem_net.preprocessing import orientation as ori
 from suprem_net.labels import LabelScheme, bitmask_dtype, channel
+from suprem_net.preprocessing.case import preprocess_case
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +61,6 @@ def revert_sigmoid(logits: torch.Tensor, props: dict, slab: int = 16) -> tuple[n
 
 def predict_multilabel(predictor, images: list[np.ndarray], geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
     """``(combined labels, bitmask)`` in ``geometry`` for one case with a multi-label predictor."""
-    from suprem_net.preprocessing.case import preprocess_case
-
     if not LabelScheme.of(predictor.plan).multi_label:
         raise ValueError("predict_multilabel needs a multi-label (bitmask) plan")
     data, _, props = preprocess_case(images, geometry, predictor.plan)

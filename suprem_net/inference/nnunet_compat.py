@@ -44,6 +44,7 @@ import torch.nn as nn
 
 from suprem_net.errors import SupremError
 from suprem_net.io.checkpoint import load_checkpoint_file, strip_wrapper_prefixes
+from suprem_net.preprocessing.case import preprocess_case
 
 logger = logging.getLogger(__name__)
 
@@ -242,8 +243,6 @@ def preprocess_nnunet(images: list[np.ndarray], geometry, plan: dict, seg: np.nd
     deviation at sharp edges, which moves a few percent of a weakly trained model's surface
     voxels. ``props["separate_z_axis"]`` follows nnU-Net's export rule (target spacing first).
     """
-    from suprem_net.preprocessing.case import preprocess_case
-
     if seg is not None:
         raise ValueError("preprocess_nnunet is for inference (no segmentation)")
     spacing = [float(s) for s in geometry.spacing]

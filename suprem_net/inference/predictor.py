@@ -19,9 +19,10 @@ from suprem_net.device import resolve_device
 from suprem_net.errors import SupremError
 from suprem_net.inference.export import revert_logits
 from suprem_net.inference.inputs import Case, read_case
+from suprem_net.inference.multilabel import predict_multilabel
 from suprem_net.inference.postprocessing import keep_largest_component, read_lcc_classes
 from suprem_net.inference.sliding_window import SlidingWindow
-from suprem_net.io.atomic import read_json
+from suprem_net.plan import DEFAULT_MIRROR_AXES, load_plan
 from suprem_net.io.checkpoint import load_checkpoint_file, strip_wrapper_prefixes
 from suprem_net.io.image import Geometry
 from suprem_net.labels import LabelScheme
@@ -91,13 +92,13 @@ class Predictor:
             tile_batch_size = int(plan.get("batch_size", 1)) if independent else 1
             if independent and self.device.type == "cpu":
                 tile_batch_size = max(tile_batch_size, cpu_tile_batch(plan["patch_size"], tta,
-                                                                      len(plan.get("mirror_axes", (0, 1, 2)))))
+                                                                      len(plan.get("mirror_axes", DEFAULT_MIRROR_AXES))))
         elif not independent and tile_batch_size != 1:
             logger.warning("%s normalises with batch statistics: tiles go through one at a time",
                            plan["network"]["family"])
         self.window = SlidingWindow(plan["patch_size"], plan["num_classes"], step_size=step_size,
                                     tile_batch_size=tile_batch_size,
-                                    mirror_axes=tuple(plan.get("mirror_axes", (0, 1, 2))) if tta else None,
+                                    mirror_axes=tuple(plan.get("mirror_axes", DEFAULT_MIRROR_AXES)) if tta else None,
                                     batch_independent=independent, device=self.device,
                                     autocast_dtype=PRECISIONS[precision])
 
@@ -115,7 +116,7 @@ class Predictor:
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise SupremError(f"{model_dir}: model folder not found")
-        plan = read_json(model_dir / "plans.json")
+        plan = load_plan(model_dir / "plans.json")
         if not folds:
             raise SupremError(f"{model_dir}: no folds given")
         models = []
@@ -179,8 +180,6 @@ class Predictor:
         if LabelScheme.of(self.plan).multi_label:  # the combined map of sigmoid > 0.5
             if probabilities:
                 raise SupremError("--save-probabilities is not supported for multi-label models")
-            from suprem_net.inference.multilabel import predict_multilabel
-
             return predict_multilabel(self, images, geometry)[0], None
         fwd = self.plan.get("transpose_forward")  # nnU-Net models: axes permuted before preprocessing
         transposed = fwd is not None and list(fwd) != list(range(len(fwd)))

@@ -13,16 +13,15 @@ import logging
 import torch.nn as nn
 
 from suprem_net.errors import SupremError
-from suprem_net.io.checkpoint import strip_wrapper_prefixes
+from suprem_net.io.checkpoint import read_state_dict, strip_wrapper_prefixes
 from suprem_net.networks import get_family
 from suprem_net.networks.universal import BACKBONES, UniversalModel
 from suprem_net.presets import load_preset
-from suprem_net.weights.loading import read_state_dict, resolve_checkpoint
+from suprem_net.weights.loading import resolve_checkpoint
 from suprem_net.labels import ABDOMENATLAS_25, UNIVERSAL_32
 from suprem_net.weights.registry import get_entry, zero_shot_names
 
 logger = logging.getLogger(__name__)
-
 
 
 def load_zero_shot(name: str) -> tuple[dict, list[nn.Module]]:

@@ -29,7 +29,6 @@ from suprem_net.labels import ABDOMENATLAS_25, LabelScheme
 from suprem_net.parallel import map_cases
 
 
-
 def _mask_name(p: Path) -> str:
     return p.name[: -len(".nii.gz")] if p.name.endswith(".nii.gz") else p.stem
 

@@ -6,6 +6,8 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+from suprem_net.errors import InputError
+
 
 @contextmanager
 def atomic_path(target: str | os.PathLike):
@@ -38,8 +40,6 @@ def write_json(path: str | os.PathLike, obj, *, sort_keys: bool = False) -> None
 
 
 def read_json(path: str | os.PathLike):
-    from suprem_net.errors import InputError
-
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)

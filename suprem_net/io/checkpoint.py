@@ -3,6 +3,8 @@ an explicit allow-list of classes scoped to that one read (never ``weights_only=
 problem reported in one line that names the file."""
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 import pickle
 import re
@@ -13,8 +15,15 @@ import torch
 
 from suprem_net.errors import SupremError
 
+logger = logging.getLogger(__name__)
+
 # prefixes that wrappers add to state-dict keys: DistributedDataParallel, torch.compile
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# keys under which checkpoints keep their state dict (student: the DINO student of a UniMiSS file)
+WRAPPER_KEYS = ("net", "state_dict", "model", "network_weights", "student")
+# the one class a checkpoint may hold besides tensors and containers: UniMiSS files keep their training
+# arguments as an argparse.Namespace of plain values; it is allowed only for the read of such a file
+NAMESPACE = argparse.Namespace
 
 
 def load_checkpoint_file(path: str | os.PathLike, allowed: Iterable[type] = ()) -> object:
@@ -55,3 +64,34 @@ def strip_wrapper_prefixes(state: Mapping[str, object], prefixes: tuple[str, ...
                     key, stripped = key[len(p):], True
         out[key] = value
     return out
+
+
+def read_state_dict(path: str | os.PathLike, allow_namespace: bool = False) -> dict[str, torch.Tensor]:
+    """Load ``path`` with ``weights_only=True`` and return its tensor dict (wrappers unwrapped).
+
+    ``allow_namespace``: allow ``argparse.Namespace`` (the training arguments of a UniMiSS file) in
+    this read. Without it, a file refused for holding a Namespace and nothing else is read again with
+    it allowed (a second read of the file)."""
+    path = Path(path)
+    try:
+        obj = load_checkpoint_file(path, [NAMESPACE] if allow_namespace else [])
+    except SupremError as e:
+        if allow_namespace or f"{NAMESPACE.__module__}.{NAMESPACE.__name__}" not in str(e):
+            raise
+        logger.debug("%s stores an argparse.Namespace; reading it again with that class allowed", path)
+        return read_state_dict(path, allow_namespace=True)
+    seen = []
+    while isinstance(obj, Mapping):
+        inner = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        seen.append(inner)
+        obj = obj[inner]
+    if not isinstance(obj, Mapping):
+        raise SupremError(f"{path}: not a state dict (found {type(obj).__name__})")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        top = ", ".join(list(map(str, obj))[:8])
+        raise SupremError(f"{path}: no tensors found (keys: {top or 'none'})")
+    logger.debug("%s: %d tensors under %s", path, len(tensors), "/".join(seen) or "top level")
+    return tensors

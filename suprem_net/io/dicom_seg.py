@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from suprem_net import __version__
 from suprem_net.io.atomic import atomic_path
 from suprem_net.io.dicom import DicomSource
 
@@ -92,8 +93,6 @@ def segment_descriptions(class_names: dict[int, str]) -> list:
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    from suprem_net import __version__
-
     algorithm = hd.AlgorithmIdentificationSequence(name="suprem_net", version=__version__,
                                                    family=codes.cid7162.ArtificialIntelligence)
     out = []
@@ -157,8 +156,6 @@ def _quiet(name: str):
 
 
 def _segmentation(hd, source: DicomSource, pixels: np.ndarray, class_names: dict[int, str], description: str):
-    from suprem_net import __version__
-
     return hd.seg.Segmentation(
         source_images=list(source.datasets), pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,

@@ -64,7 +64,7 @@ class Geometry:
         return None
 
 
-def _check_3d(img: sitk.Image, path) -> None:
+def check_3d(img: sitk.Image, path) -> None:
     if img.GetDimension() != 3:
         raise InputError(path, f"expected a 3D image, got {img.GetDimension()}D")
     if img.GetNumberOfComponentsPerPixel() != 1:
@@ -83,7 +83,7 @@ def read_header(path: str | os.PathLike) -> tuple[Geometry, str]:
     try:
         reader.ReadImageInformation()
     except RuntimeError as e:
-        raise InputError(path, f"cannot read image header ({_short(e)})") from None
+        raise InputError(path, f"cannot read image header ({short_error(e)})") from None
     if reader.GetDimension() != 3:
         raise InputError(path, f"expected a 3D image, got {reader.GetDimension()}D")
     if reader.GetNumberOfComponents() != 1:
@@ -109,8 +109,8 @@ def read_image(path: str | os.PathLike, dtype=np.float32) -> tuple[np.ndarray, G
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as e:
-        raise InputError(path, f"cannot read image ({_short(e)})") from None
-    _check_3d(img, path)
+        raise InputError(path, f"cannot read image ({short_error(e)})") from None
+    check_3d(img, path)
     _check_complete(path)
     arr = sitk.GetArrayViewFromImage(img)
     if dtype is not None and arr.dtype != dtype:
@@ -130,7 +130,7 @@ def write_image(path: str | os.PathLike, arr: np.ndarray, geometry: Geometry, *,
             sitk.WriteImage(img, str(tmp), useCompression=compress)
             _check_complete(tmp, written=True)  # ITK's NIfTI writer does not report a short write (full disk)
         except (RuntimeError, InputError) as e:
-            detail = e.problem if isinstance(e, InputError) else _short(e)
+            detail = e.problem if isinstance(e, InputError) else short_error(e)
             raise OSError(errno.EIO, f"write failed, is the disk full? ({detail})", str(path)) from None
 
 
@@ -192,7 +192,7 @@ def _gunzipped_size(path: Path) -> int | None:
     return None if in_member else total
 
 
-def _short(e: Exception) -> str:
+def short_error(e: Exception) -> str:
     """The informative last line of an ITK exception message."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     msg = lines[-1] if lines else type(e).__name__

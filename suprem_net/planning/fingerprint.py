@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from suprem_net.io.dataset import Case, RawDataset
+from suprem_net.io.atomic import read_json, write_json
 from suprem_net.io.image import read_image
 from suprem_net.labels import LabelScheme, class_counts
 from suprem_net.parallel import map_cases
@@ -106,8 +107,6 @@ def compute_fingerprint(ds: RawDataset, cases: list[Case], num_workers: int = 2)
 
 
 def load_or_compute(path: Path, ds: RawDataset, cases: list[Case], num_workers: int, force: bool) -> dict:
-    from suprem_net.io.atomic import read_json, write_json
-
     if path.is_file() and not force:
         fp = read_json(path)
         if fp.get("fingerprint_version") == FINGERPRINT_VERSION and \

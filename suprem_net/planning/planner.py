@@ -17,6 +17,7 @@ from suprem_net.errors import SupremError
 from suprem_net.labels import LabelScheme
 from suprem_net.networks import get_family
 from suprem_net.networks.family import Family
+from suprem_net.plan import OPTIMIZER_DEFAULTS
 from suprem_net.planning.memory import measure_step
 from suprem_net.presets import load_preset
 from suprem_net.planning.topology import nnunet_kwargs, pool_and_conv_props
@@ -25,8 +26,10 @@ from suprem_net.preprocessing.orientation import network_axes
 log = logging.getLogger(__name__)
 
 ANISOTROPY_THRESHOLD = 3.0
-NNUNET_RECIPE = {"optimizer": "sgd", "lr": 1e-2, "momentum": 0.99, "nesterov": True, "weight_decay": 3e-5,
-                 "schedule": "poly", "poly_exponent": 0.9}
+NNUNET_RECIPE = {"optimizer": "sgd", "lr": 1e-2, **OPTIMIZER_DEFAULTS["sgd"], "schedule": "poly", "poly_exponent": 0.9}
+DEFAULT_GPU_MEMORY_GB = 8.0
+DEFAULT_CPU_SECONDS_PER_ITERATION = 3.0
+DEFAULT_CPU_GFLOPS = 60.0
 DEFAULT_FAMILY = "nnunet"
 GPU_INITIAL_VOLUME = 256 ** 3
 CPU_INITIAL_VOLUME = 128 ** 3
@@ -77,7 +80,7 @@ def normalization(ds_spec: dict, fp: dict, preset: dict | None) -> list[dict]:
 
 def default_memory_budget(device: str, gpu_memory_gb: float | None) -> int:
     if device == "cuda":
-        return int((gpu_memory_gb or 8.0) * 0.9 * 1024 ** 3)
+        return int((gpu_memory_gb or DEFAULT_GPU_MEMORY_GB) * 0.9 * 1024 ** 3)
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return int(min(total * 0.5, 16 * 1024 ** 3))
 
@@ -163,8 +166,9 @@ def _plan_fixed_patch(family: Family, kwargs, base_patch, median_shape, in_ch, n
 
 
 def make_plan(ds_spec: dict, fp: dict, *, plans_name: str, network: str | None = None, preset: str | None = None,
-              device: str = "cpu", gpu_memory_gb: float | None = None, cpu_seconds_per_iteration: float = 3.0,
-              cpu_gflops: float = 60.0) -> dict:
+              device: str = "cpu", gpu_memory_gb: float | None = None,
+              cpu_seconds_per_iteration: float = DEFAULT_CPU_SECONDS_PER_ITERATION,
+              cpu_gflops: float = DEFAULT_CPU_GFLOPS) -> dict:
     """Build the plans dict (see docs/plans.md)."""
     pre = load_preset(preset) if preset else None
     family = get_family(network or (pre["network"]["family"] if pre else DEFAULT_FAMILY))

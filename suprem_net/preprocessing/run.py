@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from suprem_net.errors import SupremError
 from suprem_net.io.atomic import read_json, write_json
 from suprem_net.io.dataset import Case
 from suprem_net.io.image import read_image
@@ -37,8 +38,6 @@ def plan_hash(plan: dict) -> str:
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
-    from suprem_net.errors import SupremError
-
     if not text:
         return 0, 1
     try:

@@ -37,7 +37,6 @@ from suprem_net.networks import get_family
 log = logging.getLogger(__name__)
 
 
-
 def instance_norms_as_group_norms(model: nn.Module) -> int:
     """Replace every 3-D instance norm without running statistics by ``GroupNorm(C, C)`` (one channel
     per group: the same arithmetic, the same state-dict keys); returns how many were replaced.

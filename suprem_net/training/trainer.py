@@ -25,6 +25,7 @@ from suprem_net.labels import LabelScheme
 from suprem_net.losses import make_loss
 from suprem_net.networks import build_network, get_family
 from suprem_net.paths import dataset_number
+from suprem_net.plan import DEFAULT_PLANS_NAME, load_plan
 from suprem_net.presets import presets_for_family
 from suprem_net.preprocessing.orientation import network_axes
 from suprem_net.training import checkpoint as ck
@@ -53,7 +54,7 @@ class TrainConfig:
     fold: str
     preprocessed_root: Path
     results_root: Path
-    plans_name: str = "suprem_plans"
+    plans_name: str = DEFAULT_PLANS_NAME
     overrides: dict = field(default_factory=dict)  # epochs, iterations_per_epoch, lr, num_val_iterations
     batch_size: int | None = None
     num_workers: int = 1
@@ -176,7 +177,7 @@ class FoldTraining:
         if not plan_path.is_file():
             raise SupremError(f"{plan_path}: no such plan (run suprem_plan_and_preprocess -d ... first, "
                               "or pass --plans NAME)")
-        self.plan = effective_plan(read_json(plan_path), cfg, self.dist.world_size)
+        self.plan = effective_plan(load_plan(plan_path), cfg, self.dist.world_size)
         self.labels = LabelScheme.of(self.plan)
         self.dataset_json = pp / "dataset.json"
         self.model_dir = cfg.results_root / cfg.dataset / cfg.plans_name

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from suprem_net.errors import SupremError
 from suprem_net.io.atomic import atomic_path
+from suprem_net.io.checkpoint import read_state_dict
+from suprem_net.weights.layout import entries_for_layout
 from suprem_net.weights.registry import REGISTRY, CheckpointEntry, get_entry
 
 logger = logging.getLogger(__name__)
@@ -99,8 +101,6 @@ def check_file(entry: CheckpointEntry, path: Path, digest: str, source: str, sd:
         if digest != entry.sha256.lower():
             raise SupremError(f"{source}: SHA-256 {digest} differs from the expected {entry.sha256}{_note(entry)}")
         return
-    from suprem_net.weights.layout import entries_for_layout
-    from suprem_net.weights.loading import read_state_dict
 
     try:
         sd = sd if sd is not None else read_state_dict(path, allow_namespace=entry.allow_namespace)
@@ -149,8 +149,6 @@ def import_file(src: str | os.PathLike, name: str | None = None, progress: bool 
 
 
 def _entry_by_layout(src: Path) -> tuple[CheckpointEntry, dict]:
-    from suprem_net.weights.layout import entries_for_layout
-    from suprem_net.weights.loading import read_state_dict
 
     sd = read_state_dict(src)
     matches = entries_for_layout(sd)

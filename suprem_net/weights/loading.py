@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import re
@@ -22,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from suprem_net.errors import SupremError
-from suprem_net.io.checkpoint import load_checkpoint_file
+from suprem_net.io.checkpoint import read_state_dict
 from suprem_net.networks import get_family
 from suprem_net.weights.adapters import ADAPTERS, infer_adapter
 from suprem_net.weights.cache import local_path
@@ -31,11 +30,6 @@ from suprem_net.weights.layout import entry_for_layout
 from suprem_net.weights.registry import REGISTRY, CheckpointEntry, entry_for_file, get_entry, head_classes_for
 
 logger = logging.getLogger(__name__)
-
-WRAPPER_KEYS = ("net", "state_dict", "model", "network_weights", "student")  # student: DINO (UniMiSS)
-# the one class a checkpoint may hold besides tensors and containers: UniMiSS files keep their training
-# arguments as an argparse.Namespace of plain values; it is allowed only for the read of such a file
-NAMESPACE = argparse.Namespace
 
 
 @dataclass
@@ -92,37 +86,6 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
         raise SupremError(f"checkpoint file not found: {path}")
     raise SupremError(f"unknown pretrained weights {text!r}: not a file and not a registry name "
                       f"(known: {', '.join(REGISTRY)})")
-
-
-def read_state_dict(path: str | os.PathLike, allow_namespace: bool = False) -> dict[str, torch.Tensor]:
-    """Load ``path`` with ``weights_only=True`` and return its tensor dict (wrappers unwrapped).
-
-    ``allow_namespace``: allow ``argparse.Namespace`` (the training arguments of a UniMiSS file) in
-    this read. Without it, a file refused for holding a Namespace and nothing else is read again with
-    it allowed (a second read of the file)."""
-    path = Path(path)
-    try:
-        obj = load_checkpoint_file(path, [NAMESPACE] if allow_namespace else [])
-    except SupremError as e:
-        if allow_namespace or f"{NAMESPACE.__module__}.{NAMESPACE.__name__}" not in str(e):
-            raise
-        logger.debug("%s stores an argparse.Namespace; reading it again with that class allowed", path)
-        return read_state_dict(path, allow_namespace=True)
-    seen = []
-    while isinstance(obj, Mapping):
-        inner = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if inner is None:
-            break
-        seen.append(inner)
-        obj = obj[inner]
-    if not isinstance(obj, Mapping):
-        raise SupremError(f"{path}: not a state dict (found {type(obj).__name__})")
-    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        top = ", ".join(list(map(str, obj))[:8])
-        raise SupremError(f"{path}: no tensors found (keys: {top or 'none'})")
-    logger.debug("%s: %d tensors under %s", path, len(tensors), "/".join(seen) or "top level")
-    return tensors
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -78,6 +78,7 @@ def _unimiss(variant: str, params: str, dropbox: str, rlkey: str, counts: tuple[
               "backbone_params: without the five 1x1 heads, at 48x192x192.",
         **known)
 
+
 _ENTRIES: tuple[CheckpointEntry, ...] = (
     # ---- Swin UNETR ----
     CheckpointEntry(

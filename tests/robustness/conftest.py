@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from suprem_net import api
 from suprem_net.synthetic import SyntheticSpec, write_raw_dataset
 from tests.helpers import shrink_plan, write_model_dir
 from tests.helpers import DS, TINY_NET
@@ -45,12 +46,10 @@ def unlabelled_images(_raw_template) -> Path:
 @pytest.fixture(scope="session")
 def train_root(tmp_path_factory, _raw_template) -> Path:
     """``root/raw`` and ``root/pp`` (preprocessed, with a tiny network, 2 epochs of 2 iterations)."""
-    from suprem_net.cli.plan_and_preprocess import main as plan_main
 
     root = tmp_path_factory.mktemp("train")
     shutil.copytree(_raw_template, root / "raw")
-    assert plan_main(["-d", "901", "--raw", str(root / "raw"), "--preprocessed", str(root / "pp"),
-                      "--device", "cpu", "-np", "1"]) == 0
+    api.plan_and_preprocess("901", raw=root / "raw", preprocessed=root / "pp", device="cpu", num_processes=1)
     shrink_plan(root / "pp" / DS / "suprem_plans.json", patch=(8, 16, 16), network=TINY_NET, epochs=2,
                 iterations_per_epoch=2, num_val_iterations=1)
     return root
