@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from suprem_net.inference.predictor import Predictor
 from suprem_net.inference.zero_shot import load_zero_shot
 from suprem_net.io.atomic import write_json
 from suprem_net.io.dataset import RawDataset, load_raw_dataset
+from suprem_net.io.merge import load_aliases, plan_merge, run_merge
 from suprem_net.io.dicom import load_source
 from suprem_net.labels import LabelScheme
 from suprem_net.paths import location, resolve_dataset_name
@@ -217,3 +219,24 @@ def evaluate(reference: PathLike, prediction: PathLike, labels: dict[str, int] |
     write_summary(summary, out_json, out_json.with_suffix(".csv"))
     summary["written"] = [str(out_json), str(out_json.with_suffix(".csv"))]
     return summary
+
+
+# ------------------------------------------------------------------------------------------ datasets
+def merge_datasets(datasets: list[str | int], output_id: int, name: str = "Merged", *,
+                   aliases: PathLike | None = None, prefix_case_ids: bool = False, raw: PathLike | None = None,
+                   num_processes: int | None = None) -> dict:
+    """Pool raw datasets with different label sets into one multi-label dataset ``DatasetNNN_<name>``
+    (see :mod:`suprem_net.io.merge`). Returns ``{"folder", "cases", "classes", "partial"}``."""
+    if len(datasets) < 2:
+        raise SupremError("-d: give at least two datasets to merge")
+    if not 0 <= output_id <= 999:
+        raise SupremError(f"-o {output_id}: a dataset number is 0..999")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", name):
+        raise SupremError(f"--name {name!r}: use letters, digits, '_' and '-'")
+    root = location("raw", raw)
+    sources = [load_raw_dataset(root / resolve_dataset_name(str(d), root)) for d in datasets]
+    out = root / f"Dataset{output_id:03d}_{name}"
+    plan = plan_merge(sources, out, name, load_aliases(aliases), prefix_case_ids)
+    run_merge(plan, num_processes or _processes())
+    return {"folder": out, "cases": len(plan.jobs), "classes": len(plan.spec["labels"]) - 1,
+            "partial": len(plan.spec.get("partial_labels", {}))}

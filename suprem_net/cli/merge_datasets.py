@@ -2,14 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import os
-import re
 
+from suprem_net import api
 from suprem_net.cli._common import setup_logging, user_errors_exit_2
-from suprem_net.errors import SupremError
-from suprem_net.io.dataset import load_raw_dataset
-from suprem_net.io.merge import load_aliases, plan_merge, run_merge
-from suprem_net.paths import location, resolve_dataset_name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-case-ids", action="store_true",
                    help="prefix every case id with its dataset's folder name (for datasets whose case ids clash)")
     p.add_argument("--raw", help="raw datasets folder (default: $SUPREM_raw, else ./suprem_data/raw)")
-    p.add_argument("-np", "--num-processes", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("-np", "--num-processes", type=int, help="worker processes (default: min(4, CPUs))")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -38,20 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    if len(args.datasets) < 2:
-        raise SupremError("-d: give at least two datasets to merge")
-    if not 0 <= args.output_id <= 999:
-        raise SupremError(f"-o {args.output_id}: a dataset number is 0..999")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", args.name):
-        raise SupremError(f"--name {args.name!r}: use letters, digits, '_' and '-'")
-    raw = location("raw", args.raw)
-    datasets = [load_raw_dataset(raw / resolve_dataset_name(d, raw)) for d in args.datasets]
-    out = raw / f"Dataset{args.output_id:03d}_{args.name}"
-    plan = plan_merge(datasets, out, args.name, load_aliases(args.aliases), args.prefix_case_ids)
-    run_merge(plan, args.num_processes)
-    partial = plan.spec.get("partial_labels", {})
-    print(f"wrote {out}: {len(plan.jobs)} cases, {len(plan.spec['labels']) - 1} classes, "
-          f"{len(partial)} case(s) with partial labels")
+    result = api.merge_datasets(args.datasets, args.output_id, args.name, aliases=args.aliases,
+                                prefix_case_ids=args.prefix_case_ids, raw=args.raw, num_processes=args.num_processes)
+    print(f"wrote {result['folder']}: {result['cases']} cases, {result['classes']} classes, "
+          f"{result['partial']} case(s) with partial labels")
     return 0
 
 

@@ -67,11 +67,11 @@ class SpatialAugmentation:
     The draws (from numpy's global generator, in the library's order), the coordinate functions
     and the interpolation (linear for the image, nearest for the labels, zeros outside) are the
     library's. What differs is the input: the library's transform takes every sample cut to the
-    largest region any draw could map into the patch (for a 24x48x48 patch with 30 degree rotations
-    and 1.4x zoom-out, 82x101x97 voxels: 14x the patch), so the workers read and decompressed that
-    much for every sample. Here the region is the bounding box of the drawn sampling coordinates,
-    and a sample drawn without rotation, scaling or deformation (64 % with the default
-    probabilities) is a plain read of the patch.
+    largest region any draw could map into the patch (with 30 degree rotations and 1.4x zoom-out,
+    many times the patch), so the workers read and decompressed that much for every sample. Here the
+    region is the bounding box of the drawn sampling coordinates, and a sample drawn without
+    rotation, scaling or deformation (most of them, with the default probabilities) is a plain read
+    of the patch.
     """
 
     def __init__(self, patch, cfg: AugmentationConfig):

@@ -53,8 +53,8 @@ log = logging.getLogger(__name__)
 class AsTensors(AbstractTransform):
     """The workers' last step: the image as a float32 and the labels as an int16 torch tensor. Torch
     tensors cross from a worker to the training process through shared memory, numpy arrays are
-    pickled through a pipe: for 2 x 80x160x160 patches, 16 ms instead of 56 ms per batch of the
-    training process's time (benchmarks/cuda_check.py's GPU run was waiting on that)."""
+    pickled through a pipe, which costs the training process several times more per batch
+    (docs/benchmarks.md, "On a GPU")."""
 
     def __call__(self, **batch):
         batch["data"] = torch.from_numpy(np.ascontiguousarray(batch["data"], dtype=np.float32))

@@ -44,10 +44,10 @@ def batch_independent(plan: dict) -> bool:
 
 def cpu_tile_batch(patch_size: Sequence[int], tta: bool, n_mirror_axes: int = 3,
                    forward_batch: int = 8, voxel_budget: int = 1 << 21) -> int:
-    """Tiles per forward on the CPU: oneDNN convolutions run several times faster per tile at
-    a batch of ~8 than at 1 or 2 (measured: 0.5 s vs 0.1 s per 16x64x64 tile of a small
-    nnU-Net), so small patches are grouped until tiles x mirrors reach ``forward_batch``,
-    keeping at most ``voxel_budget`` input voxels per forward (large patches stay at 1)."""
+    """Tiles per forward on the CPU: oneDNN convolutions run faster per tile at a batch of ~8 than
+    at 1 or 2 (docs/benchmarks.md), so small patches are grouped until tiles x mirrors reach
+    ``forward_batch``, keeping at most ``voxel_budget`` input voxels per forward (large patches stay
+    at 1)."""
     mirrors = 2 ** n_mirror_axes if tta else 1
     want = max(1, -(-forward_batch // mirrors))
     per_tile = int(np.prod(patch_size)) * mirrors

@@ -9,9 +9,8 @@ FLOPs of forward plus backward (``torch.utils.flop_counter``). No hand-tuned ref
 For a mixed-precision (GPU) plan the pass imitates CUDA autocast, which does not act on ``meta``
 tensors: the weights stay fp32, convolutions and matrix products get bf16 copies of their inputs,
 and group and layer norms (and the loss's softmax) compute in fp32, so that their fp32 outputs,
-which the next layer saves, are counted as such. Real peaks of eager steps on an H200 were
-0.84-1.01x of this prediction for the five families (docs/benchmarks.md, "On a GPU"; before the
-imitation and the loss were counted SegResNet's was 2.6x).
+which the next layer saves, are counted as such. How close the prediction comes to real peaks on
+a GPU is in docs/benchmarks.md ("On a GPU").
 """
 from __future__ import annotations
 

@@ -1,27 +1,22 @@
-"""Make a training step cheaper without changing what is computed.
+"""Make a training step cheaper without changing what is computed (what each lever buys on which
+CPU is measured by ``benchmarks/train_step_levers.py``; the figures are in docs/benchmarks.md):
 
-Measured on 2 x86 cores (fp32; the convolutions take 80-90 % of a step, see docs/benchmarks.md):
-
-* **channels-last memory** (NDHWC): oneDNN runs the 3-D convolutions without reordering their
-  inputs, about 25 % faster for the wide full-resolution layers;
+* **channels-last memory** (NDHWC): oneDNN runs the 3-D convolutions without reordering their inputs;
 * **instance norms as group norms** with one channel per group: the same arithmetic and the same
   parameters (``weight``, ``bias``, so checkpoints keep their keys), but PyTorch's instance norm
   reshapes to (1, N*C, ...) and so copies channels-last tensors back and forth, group norm does not;
 * **non-overlapping transposed convolutions as one matrix product** (kernel = stride, the U-Nets'
   upsampling): each input voxel times a (C_in, k*k*k*C_out) matrix, then the blocks moved into place,
-  which inductor fuses with the bias and the skip concatenation. oneDNN runs these layers at
-  70-120 GFLOP/s against 200-300 for its convolutions (stage 0 of the benchmark network: 16 ms ->
-  7 ms per step, forward and backward);
+  which inductor fuses with the bias and the skip concatenation; oneDNN's transposed convolutions run
+  well below its convolutions' speed;
 * **torch.compile** (inductor): fuses the norm, non-linearity and their backward passes around the
-  convolutions. It costs one compilation at the start (about 30 s cold, seconds from the cache);
+  convolutions, for the price of one compilation at the start (seconds from the cache);
 * **freed memory kept for reuse** (glibc): by default glibc hands large freed blocks back to the
   kernel (``munmap``, or trimming the top of the heap), so the next step's activations are fresh
-  pages that the kernel zero-fills one fault at a time: 27,000-40,000 page faults per step of the
-  benchmark network. Kept, a step has none and takes about 10 % less time.
+  pages that the kernel zero-fills one fault at a time; kept, a step has none of these faults.
 
-Together 0.75-0.82x the time per step of the plain eager model on the CPU in two runs of
-``benchmarks/train_step_levers.py`` (see docs/benchmarks.md). Only compile is used on any device (unless switched off); the rest is
-CPU-specific. On CUDA, cuDNN's autotuner is switched on instead (the patch shape never changes).
+Only compile is used on any device (unless switched off); the rest is CPU-specific. On CUDA,
+cuDNN's autotuner is switched on instead (the patch shape never changes).
 """
 from __future__ import annotations
 

@@ -16,13 +16,10 @@ import torch
 
 from suprem_net.errors import SupremError
 from suprem_net.io.checkpoint import load_checkpoint_file
+from suprem_net.weights.loading import unwrap_model
 from suprem_net.io.atomic import atomic_path
 
 log = logging.getLogger(__name__)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
 
 
 def rng_state() -> dict:
@@ -52,7 +49,7 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(path: Path, *, model, optimizer, schedule, scaler, epoch: int, history: dict,
                     best_ema: float | None, plans_name: str, fold: str) -> None:
     ckpt = {
-        "network_weights": unwrap(model).state_dict(),
+        "network_weights": unwrap_model(model).state_dict(),
         "optimizer_state": optimizer.state_dict(),
         "scheduler_state": schedule.state_dict(),
         "scaler_state": scaler.state_dict() if scaler is not None else None,
@@ -81,7 +78,7 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def restore(ckpt: dict, *, model, optimizer, schedule, scaler) -> None:
-    unwrap(model).load_state_dict(ckpt["network_weights"])
+    unwrap_model(model).load_state_dict(ckpt["network_weights"])
     optimizer.load_state_dict(ckpt["optimizer_state"])
     schedule.load_state_dict(ckpt["scheduler_state"])
     if scaler is not None and ckpt.get("scaler_state"):
