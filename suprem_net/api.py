@@ -19,6 +19,7 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from suprem_net.device import resolve_device
@@ -39,8 +40,10 @@ from suprem_net.paths import location, resolve_dataset_name
 from suprem_net.plan import DEFAULT_PLANS_NAME, load_plan
 from suprem_net.planning.fingerprint import compute_fingerprint, load_or_compute
 from suprem_net.planning.planner import make_plan, plan_like
+from suprem_net.planning.speed import AssumedSpeed
 from suprem_net.planning.verify import IntegrityError, header_problems
 from suprem_net.preprocessing.run import preprocess_dataset, verify_complete
+from suprem_net.training.calibration import MeasuredSpeed
 from suprem_net.training.trainer import TrainConfig, train_fold
 
 log = logging.getLogger(__name__)
@@ -58,9 +61,12 @@ def plan_and_preprocess(dataset: str | int, *, raw: PathLike | None = None, prep
                         verify: bool = False, replan: bool = False, preprocess: bool = True,
                         num_processes: int | None = None, shard: tuple[int, int] = (0, 1), **budgets) -> dict:
     """Check the raw dataset, fingerprint it, plan (or reuse the existing plan) and preprocess its training
-    cases. ``budgets``: ``gpu_memory_gb``, ``cpu_seconds_per_iteration``, ``cpu_gflops`` of
-    :func:`~suprem_net.planning.planner.make_plan`. Returns ``{"dataset", "cases", "plan", "plan_path",
-    "counts"}`` (``counts``: cases, preprocessed, skipped; ``None`` without preprocessing)."""
+    cases. ``budgets``: ``gpu_memory_gb``, ``cpu_seconds_per_iteration``, ``cpu_gflops``, ``time_budget_s`` of
+    :func:`~suprem_net.planning.planner.make_plan`. A CPU plan is timed on this machine (real training
+    steps, cached per machine: :mod:`suprem_net.training.calibration`) unless ``cpu_gflops`` gives the
+    throughput of the machine it is meant for; a CUDA plan made where a GPU is records its measured step
+    too. Returns ``{"dataset", "cases", "plan", "plan_path", "counts"}`` (``counts``: cases, preprocessed,
+    skipped; ``None`` without preprocessing)."""
     if like and (preset or network):
         raise SupremError("--like takes the network and input distribution from the given plan; "
                           "leave out --preset/--network")
@@ -89,13 +95,40 @@ def plan_and_preprocess(dataset: str | int, *, raw: PathLike | None = None, prep
         if source is not None:
             plan = plan_like(ds.spec, fp, source, plans_name=name, source_path=str(like))
         else:
-            plan = make_plan(ds.spec, fp, plans_name=name, network=network, preset=preset,
-                             device=device or resolve_device("auto", ("cuda", "cpu")).type, **budgets)
+            target = device or resolve_device("auto", ("cuda", "cpu")).type
+            plan = make_plan(ds.spec, fp, plans_name=name, network=network, preset=preset, device=target,
+                             speed=_speed(target, budgets.get("cpu_gflops")), **budgets)
         write_json(plan_path, plan)
     result.update(plan=plan, plan_path=plan_path)
     if preprocess:
         result["counts"] = _preprocess(ds, cases, plan, out / plan["data_identifier"], num_processes, shard)
     return result
+
+
+CPU_GFLOPS_ENV = "SUPREM_cpu_gflops"
+
+
+def _speed(device: str, cpu_gflops: float | None):
+    """How the planner times a step: from an assumed throughput (``cpu_gflops``, else
+    ``$SUPREM_cpu_gflops``: planning for another machine, or plans that must not depend on this one),
+    else measured here; None for a CUDA plan made without a GPU."""
+    if device == "cpu":
+        gflops = cpu_gflops or _env_gflops()
+        return AssumedSpeed(gflops) if gflops else MeasuredSpeed("cpu")
+    return MeasuredSpeed(device) if torch.cuda.is_available() else None
+
+
+def _env_gflops() -> float | None:
+    text = os.environ.get(CPU_GFLOPS_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if value <= 0:
+        raise SupremError(f"${CPU_GFLOPS_ENV}={text!r}: give a throughput in GFLOP/s, e.g. 60")
+    return value
 
 
 def _like_source(path: PathLike, ds: RawDataset) -> dict:

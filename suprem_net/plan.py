@@ -38,6 +38,10 @@ def _number(lo: float | None = None, hi: float | None = None, strict_lo: bool = 
     return check
 
 
+def _optional(check: Callable) -> Callable:
+    return lambda v: None if v is None else check(v)
+
+
 def _integer(lo: int) -> Callable:
     def check(v) -> str | None:
         if isinstance(v, bool) or not isinstance(v, int):
@@ -100,6 +104,8 @@ FIELDS: dict[str, tuple[Callable, bool]] = {
     "network": (_of_type(dict), True),
     "device": (_one_of("cpu", "cuda"), False),
     "memory": (_of_type(dict), False),
+    "field_of_view": (_of_type(dict), False),
+    "speed": (_of_type(dict), False),
     "training": (_of_type(dict), True),
     "mirror_axes": (_axes_list, False),
 }
@@ -118,6 +124,7 @@ TRAINING_FIELDS: dict[str, Callable] = {
     "num_val_iterations": _integer(1),
     "oversample_foreground": _number(0, 1),
     "grad_clip": _number(0),
+    "time_budget_s": _optional(_number(0, strict_lo=True)),
 }
 
 

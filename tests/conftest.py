@@ -8,6 +8,22 @@ from tests.helpers import tiny_spec
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("SUPREM_compile", "0")  # tests that compile say so; compiling every tiny run costs minutes
+# plans assume a throughput instead of timing each test's configuration (a minute for some); the tests of the
+# measurement itself (test_calibration.py) unset it
+os.environ.setdefault("SUPREM_cpu_gflops", "60")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _calibration_cache(tmp_path_factory):
+    """Measured step times go to a folder of this test session, never to the user's cache (one folder for
+    the session: a configuration that several tests plan is timed once)."""
+    before = os.environ.get("SUPREM_calibration")
+    os.environ["SUPREM_calibration"] = str(tmp_path_factory.mktemp("calibration"))
+    yield
+    if before is None:
+        os.environ.pop("SUPREM_calibration", None)
+    else:
+        os.environ["SUPREM_calibration"] = before
 
 
 @pytest.fixture

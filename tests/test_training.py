@@ -186,3 +186,60 @@ def test_pretrained_file_with_frozen_encoder(tiny_root, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="suprem_net"):
         assert main(_cmd(tiny_root, tmp_path / "third", "--epochs", "1", "--pretrained", str(source))) == 0
     assert "target_spacing" in caplog.text and f"--like {source_plans.resolve()}" in caplog.text
+
+
+class SimulatedClock:
+    """A clock that only moves when a training step runs: each takes ``step_s`` seconds."""
+
+    def __init__(self, step_s: float):
+        self.now, self.step_s = 0.0, step_s
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("step_s, budget_s, epochs, last_iterations", [
+    (1.0, 10.0, 3, 3),   # 3 s epochs: after 3 of them 1 s is left, too little for a fourth
+    (2.0, 3.0, 1, 2),    # the budget runs out within the first epoch: it ends after 2 of its 3 steps
+])
+def test_time_budget_stops_on_time_with_a_usable_checkpoint(tiny_root, tmp_path, monkeypatch, step_s, budget_s,
+                                                            epochs, last_iterations):
+    from suprem_net.networks import build_network
+    from suprem_net.training import trainer
+
+    clock = SimulatedClock(step_s)
+    real_step = trainer.FoldTraining.train_step
+    steps = []
+
+    def timed_step(self, *a, **k):
+        clock.now += clock.step_s
+        steps.append(self.history["train_loss"].__len__())  # the epoch each step belongs to
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(trainer.FoldTraining, "train_step", timed_step)
+    result = api.train(DS, "0", raw=tiny_root / "raw", preprocessed=tiny_root / "pp", results=tmp_path / "res",
+                       time_budget_s=budget_s, clock=clock, num_workers=0, progress_bar=False)
+    fold = Path(result["fold_dir"])
+    assert result["epochs"] == epochs and len(result["history"]["train_loss"]) == epochs
+    assert steps.count(epochs - 1) == last_iterations and clock.now <= budget_s + step_s
+    ckpt = torch.load(fold / "checkpoint_final.pth", weights_only=True)
+    assert ckpt["epoch"] == epochs and ckpt["time_budget"]["budget_s"] == budget_s
+    plan = json.loads((fold.parent / "plans.json").read_text())
+    assert plan["training"]["time_budget_s"] == budget_s
+    build_network(plan["network"], 1, plan["num_classes"]).load_state_dict(ckpt["network_weights"])
+    assert (fold / "validation" / "summary.json").is_file() and "validation" in result
+    log_text = (fold / "training_log.txt").read_text()
+    assert "time budget 10 s" in log_text or "time budget 3 s" in log_text
+
+
+def test_time_budget_and_epochs_exclude_each_other(tiny_root, tmp_path, capsys):
+    from suprem_net.cli.train import main
+
+    user_error(main, _cmd(tiny_root, tmp_path / "r", "--time-budget", "5m", "--epochs", "2"), capsys,
+               "--time-budget sets the number of epochs")
+    code = None
+    try:
+        main(_cmd(tiny_root, tmp_path / "r", "--time-budget", "5 parsecs"))
+    except SystemExit as e:
+        code = e.code
+    assert code == 2 and "give a duration such as 90s, 30m" in capsys.readouterr().err

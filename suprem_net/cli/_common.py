@@ -41,3 +41,24 @@ def user_errors_exit_2(main):
             sys.exit(130)
 
     return wrapper
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """argparse type for a wall-clock duration: ``90`` or ``90s``, ``30m``, ``1.5h``, ``1h30m``; seconds."""
+    import argparse
+    import re
+
+    t = text.strip().lower().replace(" ", "")
+    if re.fullmatch(r"\d+(\.\d+)?", t):
+        seconds = float(t)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)(min|h|m|s)", t)
+        if not parts or "".join(n + u for n, u in parts) != t:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a duration such as 90s, 30m, 1.5h or 1h30m")
+        seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be longer than 0 s")
+    return seconds

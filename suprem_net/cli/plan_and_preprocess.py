@@ -4,10 +4,9 @@ from __future__ import annotations
 import argparse
 
 from suprem_net import api
-from suprem_net.cli._common import setup_logging, user_errors_exit_2
+from suprem_net.cli._common import parse_duration, setup_logging, user_errors_exit_2
 from suprem_net.networks import FAMILY_NAMES
-from suprem_net.planning.planner import (DEFAULT_CPU_GFLOPS, DEFAULT_CPU_SECONDS_PER_ITERATION, DEFAULT_GPU_MEMORY_GB,
-                                         summary)
+from suprem_net.planning.planner import DEFAULT_CPU_SECONDS_PER_ITERATION, DEFAULT_GPU_MEMORY_GB, summary, time_summary
 from suprem_net.presets import preset_names
 from suprem_net.preprocessing.run import parse_shard
 
@@ -34,11 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-gb", type=float, default=DEFAULT_GPU_MEMORY_GB,
                    help=f"GPU memory budget for training (default {DEFAULT_GPU_MEMORY_GB:g})")
     p.add_argument("--cpu-seconds-per-iteration", type=float, default=DEFAULT_CPU_SECONDS_PER_ITERATION,
-                   help="CPU plans: compute budget of one training step, in seconds "
-                        f"(default {DEFAULT_CPU_SECONDS_PER_ITERATION:g})")
-    p.add_argument("--cpu-gflops", type=float, default=DEFAULT_CPU_GFLOPS,
-                   help="CPU plans: achieved training throughput in GFLOP/s, forward + backward "
-                        f"(default {DEFAULT_CPU_GFLOPS:g}; see docs/plans.md)")
+                   help="CPU plans: time of one training step on the machine, in seconds "
+                        f"(default {DEFAULT_CPU_SECONDS_PER_ITERATION:g}); measured here by timing real steps "
+                        "(cached per machine)")
+    p.add_argument("--cpu-gflops", type=float, metavar="G",
+                   help="CPU plans for another machine: assume it trains at G GFLOP/s (forward + backward) "
+                        "instead of measuring this one")
+    p.add_argument("--time-budget", type=parse_duration, metavar="DURATION",
+                   help="wall-clock training budget written to the plan (training.time_budget_s), e.g. 30m, "
+                        "2h: suprem_train sizes epochs x iterations to it and stops there")
     p.add_argument("--verify", action="store_true",
                    help="re-read every voxel for the integrity checks even when a fingerprint exists")
     p.add_argument("--replan", action="store_true", help="overwrite an existing plan (default: keep hand edits)")
@@ -55,6 +58,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     budgets = {k: getattr(args, k) for k in ("gpu_memory_gb", "cpu_seconds_per_iteration", "cpu_gflops")}
+    budgets["time_budget_s"] = args.time_budget
     result = api.plan_and_preprocess(
         args.dataset, raw=args.raw, preprocessed=args.preprocessed, network=args.network, preset=args.preset,
         like=args.like, plans_name=args.plans_name, device=args.device, check_only=args.check_only,
@@ -64,6 +68,7 @@ def main(argv=None) -> int:
         print(f"{result['dataset']}: {result['cases']} cases, no problems found")
         return 0
     print(summary(result["plan"]))
+    print(time_summary(result["plan"]))
     print(f"plan written to {result['plan_path']}")
     counts = result["counts"]
     if counts is not None:

@@ -5,7 +5,7 @@ import argparse
 import os
 
 from suprem_net import api
-from suprem_net.cli._common import setup_logging, user_errors_exit_2
+from suprem_net.cli._common import parse_duration, setup_logging, user_errors_exit_2
 from suprem_net.plan import DEFAULT_PLANS_NAME
 
 
@@ -18,8 +18,12 @@ def _positive(kind):
     return parse
 
 
-def _compile_default() -> bool:
-    return os.environ.get("SUPREM_compile", "1").strip().lower() not in ("0", "false", "no", "off")
+def _compile_default() -> bool | None:
+    """``$SUPREM_compile`` (0/1) when set; else None: compile where the plan's measurement says it pays."""
+    value = os.environ.get("SUPREM_compile", "").strip().lower()
+    if not value:
+        return None
+    return value not in ("0", "false", "no", "off")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the encoder fixed for the first N epochs")
     p.add_argument("--encoder-lr-scale", type=float, default=1.0, metavar="S",
                    help="learning rate of the encoder = S x the plan's")
-    p.add_argument("--epochs", type=_positive(int), help="override plan training.epochs")
+    p.add_argument("--time-budget", type=parse_duration, metavar="DURATION",
+                   help="train for this wall-clock time, e.g. 30m, 2h, 1h30m (overrides the plan's "
+                        "training.time_budget_s): epochs x iterations are set from the measured step time, "
+                        "re-estimated every epoch, and training stops there with checkpoint_final.pth and the "
+                        "final validation (which runs after the budget)")
+    p.add_argument("--epochs", type=_positive(int), help="override plan training.epochs (not with --time-budget)")
     p.add_argument("--iterations-per-epoch", type=_positive(int), help="override plan training.iterations_per_epoch")
     p.add_argument("--val-iterations", type=_positive(int), help="override plan training.num_val_iterations")
     p.add_argument("--lr", type=_positive(float), help="override plan training.lr")
@@ -45,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 (else fp16 + grad scaling) on CUDA, fp32 on CPU")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=_compile_default(),
-                   help="torch.compile the model and loss (faster iterations after a one-off compilation, seconds "
-                        "when cached; docs/benchmarks.md); default on, or $SUPREM_compile=0|1")
+                   help="torch.compile the model and loss (faster iterations after a one-off compilation). Default: "
+                        "on where the plan's measurement on this machine found compiled steps faster and the run long "
+                        "enough to repay the compilation; $SUPREM_compile=0|1 sets the default")
     p.add_argument("--num-workers", type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1)),
                    help="augmentation worker processes (0: in the training process)")
     p.add_argument("--seed", type=int, default=0)
@@ -79,7 +89,8 @@ def main(argv=None) -> int:
         resume=args.resume, precision=args.precision, device=args.device, pretrained=args.pretrained,
         freeze_encoder_epochs=args.freeze_encoder_epochs, encoder_lr_scale=args.encoder_lr_scale,
         elastic=args.elastic, augment=not args.no_augmentation, final_validation=not args.skip_final_validation,
-        deterministic=args.deterministic, progress_bar=not args.no_progress_bar, compile=args.compile)
+        deterministic=args.deterministic, progress_bar=not args.no_progress_bar, compile=args.compile,
+        time_budget_s=args.time_budget)
     if int(os.environ.get("RANK", "0")) == 0:
         h = result["history"]
         last = h["pseudo_dice"][-1] if h["pseudo_dice"] else []

@@ -1,9 +1,17 @@
-"""From a fingerprint to a plan: spacing, normalisation, patch, batch, network, memory.
+"""From a fingerprint to a plan: spacing, normalisation, patch, batch, network, memory, speed.
 
 The patch and batch are chosen so that one training step fits the memory budget, measured
 from the network itself (:mod:`suprem_net.planning.memory`). For a CPU target the step must
-also fit a compute budget (``cpu_seconds_per_iteration`` at ``cpu_gflops``), so that a
-laptop makes visible progress in minutes.
+also take at most ``cpu_seconds_per_iteration`` on the machine: each candidate is timed by a
+*speed* (:mod:`suprem_net.planning.speed`; measured on this machine, or assumed with
+``--cpu-gflops``), and the search corrects its throughput estimate with every measurement.
+
+Field of view: when compute is short, a CPU plan trades resolution before context. If the patch
+that fits the step budget covers less than :data:`MIN_FOV_SHARE` of the median image's volume, the
+spacing is coarsened (the finer axes first, as nnU-Net's ``3d_lowres``) until it covers that share,
+instead of shrinking the patch to a few centimetres. Predictions are still written at the input's
+geometry (the export resamples back). Plans with a preset keep the preset's spacing: it is the input
+distribution the backbone was pre-trained on.
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ from suprem_net.networks import get_family
 from suprem_net.networks.family import Family
 from suprem_net.plan import OPTIMIZER_DEFAULTS
 from suprem_net.planning.memory import measure_step
+from suprem_net.planning.speed import AssumedSpeed, Speed, StepSpec, format_duration
 from suprem_net.presets import load_preset
 from suprem_net.planning.topology import nnunet_kwargs, pool_and_conv_props
 from suprem_net.preprocessing.orientation import network_axes
@@ -34,6 +43,14 @@ DEFAULT_FAMILY = "nnunet"
 GPU_INITIAL_VOLUME = 256 ** 3
 CPU_INITIAL_VOLUME = 128 ** 3
 MAX_DATASET_COVERED = 0.05
+# CPU plans: the least share of the median image's volume a training patch covers (coarser spacing
+# otherwise); nnU-Net's threshold for planning a 3d_lowres configuration. Evidence: docs/benchmarks.md,
+# "Field of view on a short CPU budget" (benchmarks/fov_budget.py)
+MIN_FOV_SHARE = 0.25
+MAX_COARSENING_STEPS = 8
+BISECTION_STEPS = 5  # the spacing found is within 2**(1/32) (2 %) of the finest that keeps the share
+SPEED_TOLERANCE = 0.2   # a measured step within 20 % of the budget ends the search
+MAX_SPEED_ROUNDS = 4
 
 
 def fingerprint_in_axes(fp: dict, axes: str) -> dict:
@@ -165,36 +182,98 @@ def _plan_fixed_patch(family: Family, kwargs, base_patch, median_shape, in_ch, n
         patch[axis] -= div[axis]
 
 
+def fov_share(patch, median_shape) -> float:
+    """The share of the median image's volume that one patch covers (at most 1)."""
+    patch, median = np.asarray(patch, dtype=float), np.asarray(median_shape, dtype=float)
+    return float(np.prod(np.minimum(patch, median)) / np.prod(median))
+
+
+def floored_spacing(spacing, floor: float) -> list[float]:
+    """Every axis at least ``floor`` mm: the finest axes are coarsened first, up to isotropic voxels."""
+    return [round(max(float(s), floor), 4) for s in spacing]
+
+
+class _Search:
+    """What the patch search needs besides the spacing: family, channels, budgets, step settings."""
+
+    def __init__(self, family: Family, fp: dict, kwargs, base_patch, in_ch: int, n_cls: int, budget: dict,
+                 initial_volume: int, step: dict):
+        self.family, self.fp, self.kwargs, self.base_patch = family, fp, kwargs, base_patch
+        self.in_ch, self.n_cls, self.budget, self.initial, self.step = in_ch, n_cls, budget, initial_volume, step
+
+    def patch(self, spacing) -> tuple[list[int], dict, list[int], dict]:
+        """(median shape, network, patch, measured step) at ``spacing``."""
+        median_shape = median_resampled_shape(self.fp, spacing)
+        if self.family.topology_kwargs is not None:
+            net, patch, m = _plan_nnunet_patch(self.family, spacing, median_shape, self.in_ch, self.n_cls,
+                                               self.budget, self.initial, self.step)
+        else:
+            net, patch, m = _plan_fixed_patch(self.family, self.kwargs, self.base_patch, median_shape, self.in_ch,
+                                              self.n_cls, self.budget, self.step)
+        return median_shape, net, patch, m
+
+    def keeping_fov(self, spacing, coarsen: bool):
+        """The patch at ``spacing``; with ``coarsen``, at the finest spacing (by raising the finest axes, see
+        :func:`floored_spacing`) whose patch covers at least :data:`MIN_FOV_SHARE` of the median image."""
+        found = self._at(spacing)
+        if not coarsen or found[-1] >= MIN_FOV_SHARE:
+            return found
+        lo, hi = min(spacing), min(spacing) * 2
+        for _ in range(MAX_COARSENING_STEPS):  # an upper bound on the floor: double until the patch covers it
+            found = self._at(floored_spacing(spacing, hi))
+            if found[-1] >= MIN_FOV_SHARE:
+                break
+            lo, hi = hi, hi * 2
+        for _ in range(BISECTION_STEPS):  # then the finest floor that still covers it
+            mid = (lo * hi) ** 0.5
+            candidate = self._at(floored_spacing(spacing, mid))
+            if candidate[-1] >= MIN_FOV_SHARE:
+                hi, found = mid, candidate
+            else:
+                lo = mid
+        return found
+
+    def _at(self, spacing):
+        median_shape, net, patch, m = self.patch(spacing)
+        return spacing, median_shape, net, patch, m, fov_share(patch, median_shape)
+
+
 def make_plan(ds_spec: dict, fp: dict, *, plans_name: str, network: str | None = None, preset: str | None = None,
               device: str = "cpu", gpu_memory_gb: float | None = None,
               cpu_seconds_per_iteration: float = DEFAULT_CPU_SECONDS_PER_ITERATION,
-              cpu_gflops: float = DEFAULT_CPU_GFLOPS) -> dict:
-    """Build the plans dict (see docs/plans.md)."""
+              cpu_gflops: float | None = None, speed: Speed | None = None,
+              time_budget_s: float | None = None) -> dict:
+    """Build the plans dict (see docs/plans.md). ``speed`` times candidate steps (default, and with
+    ``cpu_gflops``: :class:`AssumedSpeed` at ``cpu_gflops`` or :data:`DEFAULT_CPU_GFLOPS`);
+    ``time_budget_s``: the plan's wall-clock training budget (``training.time_budget_s``)."""
     pre = load_preset(preset) if preset else None
     family = get_family(network or (pre["network"]["family"] if pre else DEFAULT_FAMILY))
     fp = fingerprint_in_axes(fp, family.axes)
     if pre and family.name != pre["network"]["family"]:
         raise SupremError(f"--network {family.name} does not match preset {preset} ({pre['network']['family']})")
-    spacing = list(pre["target_spacing"]) if pre else target_spacing(fp)
-    median_shape = median_resampled_shape(fp, spacing)
+    if speed is None and device == "cpu":
+        speed = AssumedSpeed(cpu_gflops or DEFAULT_CPU_GFLOPS)
+    median_spacing = list(pre["target_spacing"]) if pre else target_spacing(fp)
     in_ch = len(ds_spec["channel_names"])
     scheme = LabelScheme.of(ds_spec)
     n_cls = scheme.num_outputs
     budget = {"memory_bytes": default_memory_budget(device, gpu_memory_gb)}
-    if device == "cpu":
-        budget["flops"] = cpu_seconds_per_iteration * cpu_gflops * 1e9
     training = _training_defaults(family, pre, device)
     if scheme.multi_label:
         training["loss"] = scheme.default_loss  # SuPreM's pre-training loss: sigmoid Dice + BCE
+    if time_budget_s:
+        training["time_budget_s"] = float(time_budget_s)
     dtype = "float32" if device == "cpu" else "bfloat16"
     step = _step_kwargs(training, dtype, scheme)
-    if family.topology_kwargs is not None:
-        initial = GPU_INITIAL_VOLUME if device == "cuda" else CPU_INITIAL_VOLUME
-        net, patch, m = _plan_nnunet_patch(family, spacing, median_shape, in_ch, n_cls, budget, initial, step)
+    search = _Search(family, fp, family.kwargs(pre["network"]["kwargs"] if pre else None) if
+                     family.topology_kwargs is None else None, pre["patch_size"] if pre else [96, 96, 96], in_ch,
+                     n_cls, budget, GPU_INITIAL_VOLUME if device == "cuda" else CPU_INITIAL_VOLUME, step)
+    coarsen = device == "cpu" and pre is None
+    if device == "cpu":
+        spacing, median_shape, net, patch, m, share = _fit_cpu_time(search, median_spacing, coarsen, speed,
+                                                                    cpu_seconds_per_iteration, training, dtype)
     else:
-        kwargs = family.kwargs(pre["network"]["kwargs"] if pre else None)
-        base = pre["patch_size"] if pre else [96, 96, 96]
-        net, patch, m = _plan_fixed_patch(family, kwargs, base, median_shape, in_ch, n_cls, budget, step)
+        spacing, median_shape, net, patch, m, share = search.keeping_fov(median_spacing, False)
     batch = 2
     if device == "cuda" and family.grows_batch:
         cap = max(2, int(MAX_DATASET_COVERED * np.prod(median_shape) * fp["num_cases"] / np.prod(patch)))
@@ -227,10 +306,51 @@ def make_plan(ds_spec: dict, fp: dict, *, plans_name: str, network: str | None =
         "device": device,
         "memory": {"budget_bytes": budget["memory_bytes"], "compute_dtype": dtype,
                    "flops_budget": budget.get("flops"), **m},
+        "field_of_view": {"patch_mm": [round(p * s, 1) for p, s in zip(patch, spacing)],
+                          "median_image_mm": [round(n * s, 1) for n, s in zip(median_shape, spacing)],
+                          "share": round(share, 4), "minimum_share": MIN_FOV_SHARE if coarsen else None,
+                          "median_spacing": [round(float(v), 4) for v in median_spacing],
+                          "coarsened": bool(not np.allclose(spacing, median_spacing))},
         "training": training,
         **scheme.encoding_fields(),
     }
+    if speed is not None:
+        spec = StepSpec.of(net, in_ch, n_cls, patch, batch, dtype=dtype, optimizer=training["optimizer"],
+                           loss=training.get("loss"), flops=m["flops_per_iteration"])
+        plan["speed"] = speed.record(spec, training)
     return plan
+
+
+def _fit_cpu_time(search: _Search, median_spacing, coarsen: bool, speed: Speed, seconds: float, training: dict,
+                  dtype: str):
+    """The CPU plan whose measured step takes about ``seconds``: plan at an estimated throughput, time
+    the step, correct the estimate with the measurement, and again until a step lands within
+    :data:`SPEED_TOLERANCE` of the budget (or a configuration comes back). Returns the largest
+    candidate that was not too slow, else the fastest."""
+    gflops = speed.gflops if isinstance(speed, AssumedSpeed) else DEFAULT_CPU_GFLOPS  # the first estimate
+    tried: dict[str, tuple[float, tuple, float]] = {}
+    for _ in range(MAX_SPEED_ROUNDS):
+        search.budget["flops"] = seconds * gflops * 1e9
+        found = search.keeping_fov(median_spacing, coarsen)
+        spacing, median_shape, net, patch, m, share = found
+        spec = StepSpec.of(net, search.in_ch, search.n_cls, patch, 2, dtype=dtype, optimizer=training["optimizer"],
+                           loss=training.get("loss"), flops=m["flops_per_iteration"])
+        if spec.key() in tried:
+            break
+        t = speed.step_seconds(spec)
+        tried[spec.key()] = (t, found, gflops)
+        log.info("candidate: spacing %s, patch %s: %.2f s per step (%.0f GFLOP/s)", spacing, patch, t,
+                 m["flops_per_iteration"] / t / 1e9)
+        if abs(t / seconds - 1) <= SPEED_TOLERANCE:
+            break
+        gflops = m["flops_per_iteration"] / t / 1e9
+    fitting = [r for r in tried.values() if r[0] <= seconds * (1 + SPEED_TOLERANCE)]
+    if fitting:
+        _, found, gflops = max(fitting, key=lambda r: r[1][4]["flops_per_iteration"])
+    else:
+        _, found, gflops = min(tried.values(), key=lambda r: r[0])
+    search.budget["flops"] = seconds * gflops * 1e9  # the budget the chosen candidate was planned for
+    return found
 
 
 INHERITED_FROM_SOURCE = ("preset", "pretrained", "orientation", "target_spacing", "normalization", "resampling",
@@ -276,7 +396,33 @@ def plan_like(ds_spec: dict, fp: dict, source: dict, *, plans_name: str, source_
 
 def summary(plan: dict) -> str:
     mem = plan["memory"]
-    return (f"plan {plan['plans_name']}: {plan['network']['family']} on {plan['device']}, spacing "
+    text = (f"plan {plan['plans_name']}: {plan['network']['family']} on {plan['device']}, spacing "
             f"{[round(s, 3) for s in plan['target_spacing']]}, patch {plan['patch_size']}, batch {plan['batch_size']}, "
             f"{mem['parameters'] / 1e6:.2f}M parameters, predicted peak {mem['predicted_peak_bytes'] / 2 ** 30:.2f} GiB, "
             f"{mem['flops_per_iteration'] / 1e9:.0f} GFLOP per iteration")
+    fov = plan.get("field_of_view")
+    if fov:
+        text += (f"; the patch covers {100 * fov['share']:.0f} % of the median image "
+                 f"({' x '.join(f'{v:.0f}' for v in fov['patch_mm'])} mm)")
+        if fov.get("coarsened"):
+            text += f", spacing coarsened from the median {[round(v, 3) for v in fov['median_spacing']]}"
+    return text
+
+
+def time_summary(plan: dict) -> str:
+    """One line: the plan's expected training time and where its step time comes from."""
+    sp, tr = plan.get("speed"), plan["training"]
+    if not sp:
+        return "expected training time: not measured (no device of this kind here)"
+    if sp["source"] == "measured":
+        m = sp["machine"]
+        where = (f"measured on {m.get('gpu') or m['cpu']}" +
+                 (f", {m['isa']}, {m['threads']} threads" if m["device"] == "cpu" else ""))
+    else:
+        where = f"assumed {sp['gflops']:g} GFLOP/s"
+    step = f"{sp['step_seconds']:.2f} s per iteration ({where})"
+    if tr.get("time_budget_s"):
+        n = int(tr["time_budget_s"] / sp["step_seconds"])
+        return f"training time budget {format_duration(tr['time_budget_s'])}: about {n} iterations at {step}"
+    return (f"expected training time {format_duration(sp['expected_training_seconds'])}: {tr['epochs']} epochs x "
+            f"{tr['iterations_per_epoch']} iterations at {step}; suprem_train --time-budget sets another")

@@ -75,25 +75,60 @@ def upsampling_as_matmuls(model: nn.Module) -> int:
     return count
 
 
+CPU_LEVERS = ("channels_last", "upsampling_as_matmul", "keep_freed_memory")
+
+
+def default_levers(family: str, device: torch.device) -> dict:
+    """Every lever that applies to ``family`` on ``device`` switched on (the levers a plan records,
+    measured on its machine, switch off those that lose there; ``threads``: None keeps PyTorch's)."""
+    if device.type != "cpu":
+        return {}
+    cl = get_family(family).channels_last
+    return {"channels_last": cl, "upsampling_as_matmul": cl, "keep_freed_memory": True, "threads": None}
+
+
 def prepare_for_training(model: nn.Module, family: str, device: torch.device,
-                         deterministic: bool = False) -> torch.memory_format:
-    """Adapt ``model`` (in place) and, on the CPU, this process's allocator for fast training on
-    ``device``; returns the memory format that the model's inputs should have. On CUDA, cuDNN
-    chooses its fastest convolution algorithms for the (fixed) patch shape, as nnU-Net does,
-    unless the run must be deterministic."""
+                         deterministic: bool = False, levers: dict | None = None) -> torch.memory_format:
+    """Adapt ``model`` (in place) and, on the CPU, this process's allocator and threads for fast
+    training on ``device`` with ``levers`` (default: :func:`default_levers`); returns the memory
+    format that the model's inputs should have. On CUDA, cuDNN chooses its fastest convolution
+    algorithms for the (fixed) patch shape, as nnU-Net does, unless the run must be deterministic."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not deterministic
     if device.type != "cpu":
         return torch.contiguous_format
-    kept = keep_freed_memory()
-    if not get_family(family).channels_last:
+    on = {**default_levers(family, device), **(levers or {})}
+    kept = set_freed_memory_kept(bool(on.get("keep_freed_memory")))
+    if on.get("threads"):
+        torch.set_num_threads(int(on["threads"]))
+    return apply_model_levers(model, family, on, kept)
+
+
+def apply_model_levers(model: nn.Module, family: str, levers: dict, kept: bool | None = None) -> torch.memory_format:
+    """The levers that change the model: channels-last memory with group norms, upsampling as matrix
+    products (only with channels-last, for families that train faster in it)."""
+    if not (get_family(family).channels_last and levers.get("channels_last")):
         return torch.contiguous_format
     n = instance_norms_as_group_norms(model)
-    up = upsampling_as_matmuls(model)
+    up = upsampling_as_matmuls(model) if levers.get("upsampling_as_matmul") else 0
     model.to(memory_format=torch.channels_last_3d)
     log.debug("CPU training: channels-last memory, %d instance norms as group norms, %d upsamplings as matrix "
               "products, freed memory kept: %s", n, up, kept)
     return torch.channels_last_3d
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+GLIBC_DEFAULT_THRESHOLD = 128 * 1024  # glibc's initial trim and mmap thresholds
+_kept = False  # whether this process keeps freed memory (set_freed_memory_kept)
+
+
+def _mallopt():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # another C library (e.g. musl)
+        return None
 
 
 def keep_freed_memory() -> bool:
@@ -101,16 +136,31 @@ def keep_freed_memory() -> bool:
     activations of one step reuse the pages of the last one (PyTorch's CPU allocator is plain
     malloc). Affects this process and the workers it forks; the resident size stays at its peak
     instead of shrinking between steps. Returns whether it took effect (False off glibc)."""
-    if not sys.platform.startswith("linux"):
+    return set_freed_memory_kept(True)
+
+
+def set_freed_memory_kept(on: bool) -> bool:
+    """:func:`keep_freed_memory` (``on``), or glibc's initial thresholds back (128 KiB: large blocks
+    mmapped and trimmed; glibc then no longer raises them by itself, which only matters for blocks
+    under 32 MiB). Returns whether freed memory is now kept."""
+    global _kept
+    mallopt = _mallopt()
+    if mallopt is None or (not on and not _kept):
         return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # another C library (e.g. musl)
+    if not on:
+        mallopt(_M_MMAP_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
+        mallopt(_M_TRIM_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
+        _kept = False
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
     # older glibc refuses thresholds above 32 MiB; tensors larger than the one accepted stay mmapped
-    mmap_ok = any(mallopt(m_mmap_threshold, size) for size in (1 << 30, 32 << 20))
-    return mmap_ok and bool(mallopt(m_trim_threshold, (1 << 31) - 1))
+    mmap_ok = any(mallopt(_M_MMAP_THRESHOLD, size) for size in (1 << 30, 32 << 20))
+    _kept = mmap_ok and bool(mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
+    return _kept
+
+
+def freed_memory_is_kept() -> bool:
+    """Whether :func:`set_freed_memory_kept` last kept freed memory in this process."""
+    return _kept
 
 
 def compiled(model: nn.Module) -> nn.Module:

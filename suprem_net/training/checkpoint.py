@@ -2,7 +2,9 @@
 
 Contents: ``network_weights`` (unwrapped from DDP), ``optimizer_state``, ``scheduler_state``,
 ``scaler_state``, ``epoch`` (the next epoch to run), ``rng_state`` (python / numpy / torch as
-tensors, lists and ints), ``logging`` (per-epoch lists), ``best_ema``, ``plans_name``, ``fold``.
+tensors, lists and ints), ``logging`` (per-epoch lists), ``best_ema``, ``plans_name``, ``fold``;
+with a time budget also ``time_budget`` (``budget_s``, ``spent_s``, ``epochs``, ``iterations_per_epoch``,
+``num_val_iterations``: a resumed run keeps its epoch length and the time already spent).
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: Path, *, model, optimizer, schedule, scaler, epoch: int, history: dict,
-                    best_ema: float | None, plans_name: str, fold: str) -> None:
+                    best_ema: float | None, plans_name: str, fold: str, time_budget: dict | None = None) -> None:
     ckpt = {
         "network_weights": unwrap_model(model).state_dict(),
         "optimizer_state": optimizer.state_dict(),
@@ -60,6 +62,8 @@ def save_checkpoint(path: Path, *, model, optimizer, schedule, scaler, epoch: in
         "plans_name": plans_name,
         "fold": str(fold),
     }
+    if time_budget is not None:
+        ckpt["time_budget"] = time_budget
     with atomic_path(path) as tmp:
         try:
             torch.save(ckpt, tmp)

@@ -9,6 +9,7 @@ import contextlib
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from suprem_net.data.dataset import CaseStore
 from suprem_net.data.loader import close_loader, make_loader
-from suprem_net.device import resolve_device
+from suprem_net.device import describe_machine, resolve_device
 from suprem_net.errors import SupremError
 from suprem_net.io.atomic import read_json, write_json
 from suprem_net.labels import LabelScheme
@@ -26,10 +27,15 @@ from suprem_net.losses import make_loss
 from suprem_net.networks import build_network, get_family
 from suprem_net.paths import dataset_number
 from suprem_net.plan import DEFAULT_PLANS_NAME, load_plan
+from suprem_net.planning.memory import measure_step
+from suprem_net.planning.speed import StepSpec, expected_training_seconds, format_duration
 from suprem_net.presets import presets_for_family
 from suprem_net.preprocessing.orientation import network_axes
 from suprem_net.training import checkpoint as ck
 from suprem_net.training.acceleration import compiled, is_compile_failure, prepare_for_training
+from suprem_net.training.budget import WallClock, schedule_for_budget
+from suprem_net.training.calibration import (COMPILE_ROUNDS, COMPILE_TRIAL_MIN_S, CompileTrial, MeasuredSpeed,
+                                             compile_pays)
 from suprem_net.training import distributed as dd
 from suprem_net.training.label_metrics import confusion_stats
 from suprem_net.training.progress import (
@@ -71,7 +77,9 @@ class TrainConfig:
     final_validation: bool = True
     deterministic: bool = False
     progress_bar: bool = True
-    compile: bool = False             # torch.compile the training step (the CLI turns it on)
+    compile: bool | None = None       # torch.compile the step; None: where the plan's measurement says it pays
+    time_budget_s: float | None = None  # wall-clock budget of the training (else the plan's training.time_budget_s)
+    clock: Callable[[], float] = time.monotonic  # what the budget and the ETA are measured with
 
 
 def precision_setup(precision: str, device: torch.device):
@@ -100,6 +108,14 @@ def parameter_groups(model: torch.nn.Module, family: str, encoder_lr_scale: floa
 
 def effective_plan(plan: dict, cfg: TrainConfig, world_size: int) -> dict:
     plan = {**plan, "training": dict(plan["training"])}
+    if cfg.time_budget_s is not None:
+        if cfg.overrides.get("epochs") is not None:
+            raise SupremError("--time-budget sets the number of epochs; leave out --epochs")
+        plan["training"]["time_budget_s"] = float(cfg.time_budget_s)
+    elif cfg.overrides.get("epochs") is not None and plan["training"].get("time_budget_s"):
+        log.info("--epochs given: the plan's time budget of %s is not used",
+                 format_duration(plan["training"]["time_budget_s"]))
+        plan["training"]["time_budget_s"] = None
     for k, v in cfg.overrides.items():
         if v is not None:
             if k not in OVERRIDABLE:
@@ -196,6 +212,11 @@ class FoldTraining:
         self.best_ema: float | None = None
         self.start_epoch = 0
         self.nonfinite_in_a_row = 0
+        self.budget_s = self.tr.get("time_budget_s") or None
+        self.spent_s = 0.0          # time of the earlier part of a resumed run
+        self.stop_now = False       # the budget ran out within an epoch
+        self.step_times: list[float] = []
+        self.trial: CompileTrial | None = None  # torch.compile measured in this run's first steps
 
     # ---------------------------------------------------------------- setup
     def build(self) -> None:
@@ -206,17 +227,21 @@ class FoldTraining:
         np.random.seed(cfg.seed)
         self.model = build_network(plan["network"], self.store.num_channels(), plan["num_classes"]).to(self.device)
         family = plan["network"]["family"]
-        self.memory_format = prepare_for_training(self.model, family, self.device, cfg.deterministic)
+        self.speed = self._speed_record()
+        self.memory_format = prepare_for_training(self.model, family, self.device, cfg.deterministic,
+                                                  levers=(self.speed or {}).get("levers"))
         groups, self.encoder_params = parameter_groups(self.model, family, cfg.encoder_lr_scale)
         if (cfg.freeze_encoder_epochs or cfg.encoder_lr_scale != 1.0) and not self.encoder_params:
             raise SupremError(f"--freeze-encoder-epochs/--encoder-lr-scale: no encoder parameters found for {family}")
         self.optimizer = make_optimizer(groups, self.tr)
+        latest = self.fold_dir / "checkpoint_latest.pth"
+        state = ck.load_checkpoint(latest) if cfg.resume and latest.is_file() else None  # on the CPU
+        if self.budget_s:
+            self._budget_schedule((state or {}).get("time_budget"))
         self.schedule = EpochSchedule(self.optimizer, self.tr, self.epochs)
         self.autocast_dtype, self.scaler = precision_setup(cfg.precision, self.device)
         self.loss_fn = make_loss(plan)  # Dice + CE (softmax) or Dice + BCE (multi-label), deep supervision
-        latest = self.fold_dir / "checkpoint_latest.pth"
-        if cfg.resume and latest.is_file():
-            state = ck.load_checkpoint(latest)  # on the CPU; restore() moves each part to its device
+        if state is not None:
             ck.restore(state, model=self.model, optimizer=self.optimizer, schedule=self.schedule, scaler=self.scaler)
             self.start_epoch, self.best_ema = int(state["epoch"]), state["best_ema"]
             self.history = {k: list(state["logging"].get(k, [])) for k in self.history}
@@ -226,7 +251,83 @@ class FoldTraining:
                 log.warning("--continue: no %s, starting from scratch", latest)
             if cfg.pretrained:
                 load_pretrained_weights(self.model, plan, cfg.pretrained, read_json(self.dataset_json)["labels"])
-        self._wrap(compile_step=cfg.compile)
+        self._wrap(compile_step=self._compile_choice())
+
+    def _speed_record(self) -> dict | None:
+        """The plan's measured speed when it was measured on this machine for this configuration; else
+        measured here now (cached per machine; not under DDP, where every process would time its own)."""
+        spec = StepSpec.of_plan(self.plan, self.store.num_channels())
+        record = self.plan.get("speed") or {}
+        here = describe_machine(self.device)
+        if record.get("source") == "measured" and (record.get("machine") or {}).get("key") == here["key"] \
+                and record.get("config") == spec.key():
+            return record
+        if self.dist.enabled:
+            return None
+        m = measure_step(self.plan["network"], spec.in_channels, spec.num_classes, spec.patch, spec.batch,
+                         dtype=spec.dtype, loss=spec.loss)
+        spec = StepSpec.of_plan({**self.plan, "memory": {**(self.plan.get("memory") or {}), **m,
+                                                         "compute_dtype": spec.dtype}}, spec.in_channels)
+        log.info("the plan's training step was not measured on this machine (%s, %s): measuring it", here.get("gpu")
+                 or here["cpu"], here["isa"])
+        return MeasuredSpeed(self.device).record(spec, self.tr)
+
+    def _compile_choice(self) -> bool:
+        """``--compile``/``--no-compile``; else what this machine measured of torch.compile for this step
+        (compiled where the faster steps repay the compilation over this run); else, unmeasured, a run of
+        at least :data:`COMPILE_TRIAL_MIN_S` measures it in its first steps (:class:`CompileTrial`)."""
+        if self.cfg.compile is not None:
+            return self.cfg.compile
+        speed = self.speed or {}
+        expected = expected_training_seconds(self.tr, speed.get("eager_step_seconds", 0),
+                                             speed.get("val_step_seconds", 0))
+        info = speed.get("compile") or {}
+        if not info.get("measured") and speed.get("source") == "measured":
+            info = self._calibration().compile_known(self._spec(), speed["levers"]) or info
+        if "ratio" in info:
+            use = compile_pays(info, expected)
+            log.info("torch.compile: %s (measured here: steps %.0f %% faster, saving about %s of %s against a "
+                     "compilation of %s)", "on" if use else "off", 100 * (1 - info["ratio"]),
+                     format_duration(max(0.0, expected * (1 - info["ratio"]))), format_duration(expected),
+                     format_duration(info["compile_seconds"]))
+            return use
+        if speed.get("source") == "measured" and not self.dist.enabled and expected >= COMPILE_TRIAL_MIN_S:
+            log.info("torch.compile: not measured on this machine yet; measuring it in the first %d steps",
+                     2 * COMPILE_ROUNDS + 1)
+            self.trial = CompileTrial()
+            return True
+        log.info("torch.compile: off (%s; --compile to use it)", info.get("error") or
+                 f"not measured here, and a run of {format_duration(expected)} is too short to try it")
+        return False
+
+    def _calibration(self) -> MeasuredSpeed:
+        return MeasuredSpeed(self.device)
+
+    def _spec(self) -> StepSpec:
+        return StepSpec.of_plan(self.plan, self.store.num_channels())
+
+    def _budget_schedule(self, resumed: dict | None) -> None:
+        """Epochs x iterations for the time budget (a resumed run keeps its epoch length and time spent)."""
+        if resumed is not None:
+            self.spent_s = float(resumed["spent_s"])
+            self.tr.update(iterations_per_epoch=int(resumed["iterations_per_epoch"]),
+                           num_val_iterations=int(resumed["num_val_iterations"]))
+            self.epochs = self.tr["epochs"] = int(resumed["epochs"])
+            return
+        fixed = self.cfg.overrides.get("iterations_per_epoch") is not None
+        if self.speed is None:  # nothing measured: one epoch of the plan's length, re-estimated after it
+            sched = schedule_for_budget(self.budget_s, self.budget_s, 0.0, int(self.tr["iterations_per_epoch"]),
+                                        int(self.tr["num_val_iterations"]), fixed_iterations=True)
+        else:
+            sched = schedule_for_budget(self.budget_s, self.speed["step_seconds"], self.speed["val_step_seconds"],
+                                        int(self.tr["iterations_per_epoch"]), int(self.tr["num_val_iterations"]),
+                                        fixed_iterations=fixed)
+        self.tr.update(epochs=sched.epochs, iterations_per_epoch=sched.iterations_per_epoch,
+                       num_val_iterations=sched.num_val_iterations)
+        self.epochs = sched.epochs
+        log.info("time budget %s: %d epochs x %d iterations (%d validation iterations each) at the measured "
+                 "%.2f s per step, re-estimated after every epoch", format_duration(self.budget_s), sched.epochs,
+                 sched.iterations_per_epoch, sched.num_val_iterations, (self.speed or {}).get("step_seconds", 0))
 
     def _wrap(self, compile_step: bool) -> None:
         """``self.net`` and ``self.train_loss``: the model and loss as the training step calls them
@@ -234,6 +335,9 @@ class FoldTraining:
         self.net = compiled(self.model) if compile_step else self.model
         self.compiling = self.net is not self.model
         self.train_loss = compiled(self.loss_fn) if self.compiling else self.loss_fn  # fused: cheaper on the CPU
+        self.compiled_pair = (self.net, self.train_loss) if self.compiling else None
+        if not self.compiling:
+            self.trial = None
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
@@ -314,32 +418,59 @@ class FoldTraining:
         return float(loss.item()), confusion_stats(logits.float(), y, self.labels, annotated)
 
     # ---------------------------------------------------------------- epochs
+    def _eta(self, epoch: int) -> str:
+        """When the run's training ends, e.g. ``"18:42 (12 min left)"``, from the measured epochs (before
+        the first one: from the measured step time); empty when nothing is known yet."""
+        left = self.wall.eta_seconds(self.epochs - epoch)
+        if left is None and self.speed:
+            left = (self.epochs - epoch) * (int(self.tr["iterations_per_epoch"]) * self.speed["step_seconds"] +
+                                            int(self.tr["num_val_iterations"]) * self.speed["val_step_seconds"])
+        if left is None:
+            return ""
+        if self.budget_s:
+            left = min(left, max(0.0, self.wall.remaining()))
+        return f"{time.strftime('%H:%M', time.localtime(time.time() + left))} ({format_duration(left)} left)"
+
     def run_epoch(self, epoch: int) -> None:
-        t0 = time.perf_counter()
+        clock = self.cfg.clock
+        t0 = clock()
         lr = self.schedule.set_epoch(epoch)
         freeze = epoch < self.cfg.freeze_encoder_epochs
         self.net.train()
         iters = int(self.tr["iterations_per_epoch"])
-        losses, wait = [], 0.0
+        losses, wait, self.step_times = [], 0.0, []
+        eta = self._eta(epoch)
         bar = tqdm(total=iters, desc=f"epoch {epoch}/{self.epochs}", unit="it", leave=False,
                    disable=not (self.dist.is_main and self.cfg.progress_bar))
-        for _ in range(iters):
-            tw = time.perf_counter()
+        for i in range(iters):
+            if i > 0 and self.wall.remaining() <= 0:  # the budget ran out: this is the last epoch
+                self.stop_now = True
+                log.info("time budget reached after %d of %d iterations of epoch %d", i, iters, epoch)
+                break
+            tw = clock()
             x, y, ann = _to_device(next(self.train_loader), self.device, self.memory_format)
-            wait += time.perf_counter() - tw
+            if self.trial is not None:  # alternate compiled and eager steps
+                self.net, self.train_loss = self.compiled_pair if self.trial.compiled_next() else \
+                    (self.model, self.loss_fn)
+            ts = clock()
+            wait += ts - tw
             loss = self.train_step(x, y, freeze, ann)
+            self.step_times.append(clock() - ts)
+            if self.trial is not None:
+                self._trial_step(self.step_times[-1])
             if loss is not None:
                 losses.append(loss)
-                bar.set_postfix(loss=f"{loss:.4f}")
+                bar.set_postfix(loss=f"{loss:.4f}", **({"ETA": eta} if eta else {}))
             bar.update()
         bar.close()
-        train_time = time.perf_counter() - t0
+        iters = max(1, len(self.step_times))
+        train_time = clock() - t0
         self.model.eval()
         val_losses, stats = [], torch.zeros(3, self.labels.num_classes, dtype=torch.float64, device=self.device)
         for _ in range(int(self.tr["num_val_iterations"])):
-            tw = time.perf_counter()
+            tw = clock()
             x, y, ann = _to_device(next(self.val_loader), self.device, self.memory_format)
-            wait += time.perf_counter() - tw
+            wait += clock() - tw
             vl, st = self.val_step(x, y, ann)
             val_losses.append(vl)
             stats += st
@@ -349,7 +480,7 @@ class FoldTraining:
         summary = dd.all_reduce_sum(summary, self.dist) / self.dist.world_size
         dice = pseudo_dice(*stats.cpu().numpy())
         ema = update_ema(self.history, dice)
-        elapsed = time.perf_counter() - t0
+        elapsed = clock() - t0
         h = self.history
         h["train_loss"].append(float(summary[0]))
         h["val_loss"].append(float(summary[1]))
@@ -360,13 +491,39 @@ class FoldTraining:
         h["data_wait"].append(float(wait / elapsed))
         log.info("epoch %d: train loss %.4f, val loss %.4f, pseudo Dice %s, EMA %.4f, lr %.2e, %.1f s "
                  "(%.2f s/it, %.0f%% waiting for data)", epoch, summary[0], summary[1],
-                 [round(d, 4) for d in dice], ema, lr, elapsed, train_time / iters, 100 * wait / elapsed)
+                 [round(d, 4) for d in dice], ema, lr, elapsed, train_time / iters, 100 * wait / max(elapsed, 1e-9))
+
+    def _trial_step(self, seconds: float) -> None:
+        result = self.trial.add(seconds)
+        if result is None:
+            return
+        self.trial = None
+        self._calibration().store_compile(self._spec(), self.speed["levers"], result)
+        expected = expected_training_seconds(self.tr, result["eager_step_seconds"], self.speed["val_step_seconds"])
+        use = compile_pays(result, expected)
+        log.info("torch.compile measured: %.2f s per step against %.2f s eager, compiled in %s: %s",
+                 result["compiled_step_seconds"], result["eager_step_seconds"],
+                 format_duration(result["compile_seconds"]), "kept" if use else "training on without it")
+        self.net, self.train_loss = self.compiled_pair if use else (self.model, self.loss_fn)
+        self.compiling = use
+
+    def _fit_epochs_to_budget(self, done: int) -> None:
+        """After ``done`` epochs: as many more as fit in the time left at the recent epoch time (the
+        learning-rate schedule follows); none once the budget ran out."""
+        self.epochs = done if self.stop_now else max(done, self.wall.epochs_that_fit(done))
+        self.tr["epochs"] = self.schedule.epochs = self.epochs
 
     def _save(self, name: str, next_epoch: int) -> None:
         if self.dist.is_main:
+            budget = None
+            if self.budget_s:
+                budget = {"budget_s": self.budget_s, "spent_s": self.wall.elapsed(), "epochs": self.epochs,
+                          "iterations_per_epoch": int(self.tr["iterations_per_epoch"]),
+                          "num_val_iterations": int(self.tr["num_val_iterations"])}
             ck.save_checkpoint(self.fold_dir / name, model=self.model, optimizer=self.optimizer,
                                schedule=self.schedule, scaler=self.scaler, epoch=next_epoch, history=self.history,
-                               best_ema=self.best_ema, plans_name=self.plan["plans_name"], fold=self.cfg.fold)
+                               best_ema=self.best_ema, plans_name=self.plan["plans_name"], fold=self.cfg.fold,
+                               time_budget=budget)
 
     def _end_of_epoch(self, epoch: int) -> None:
         ema = self.history["ema_dice"][-1]
@@ -394,11 +551,19 @@ class FoldTraining:
                          self.plan["patch_size"], self.plan["network"]["family"], self.device, self.precision_name())
             self._loaders()
             epoch = self.start_epoch
+            self.wall = WallClock(self.budget_s, self.cfg.clock, self.spent_s)
             try:
                 while epoch < self.epochs:
+                    t0 = self.cfg.clock()
                     self.run_epoch(epoch)
                     self._end_of_epoch(epoch)
+                    self.wall.add_epoch(self.cfg.clock() - t0, self.step_times)
                     epoch += 1
+                    if self.budget_s:
+                        self._fit_epochs_to_budget(epoch)
+                    eta = self._eta(epoch)
+                    if eta and epoch < self.epochs:
+                        log.info("%d of %d epochs done, ETA %s", epoch, self.epochs, eta)
             except KeyboardInterrupt:
                 log.warning("interrupted in epoch %d: saving checkpoint_latest.pth (that epoch restarts on "
                             "--continue)", epoch)
@@ -407,6 +572,10 @@ class FoldTraining:
             finally:
                 close_loader(self.train_loader)
                 close_loader(self.val_loader)
+            if self.budget_s:
+                log.info("time budget %s: stopped after %d epochs, %s spent; writing checkpoint_final.pth%s",
+                         format_duration(self.budget_s), self.epochs, format_duration(self.wall.elapsed()),
+                         ", then the final validation" if self.cfg.final_validation else "")
             self._save("checkpoint_final.pth", self.epochs)
             result = {"epochs": self.epochs, "best_ema": self.best_ema, "history": self.history,
                       "fold_dir": str(self.fold_dir)}
