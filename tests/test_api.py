@@ -78,6 +78,8 @@ def _edited(path, tmp_path, edit) -> object:
     (lambda p: p.update(axes="yxz"), "axes must be one of xyz, zyx, got 'yxz'"),
     (lambda p: p.pop("network"), "missing key 'network'"),
     (lambda p: p["training"].update(optimizer="adam"), "training.optimizer must be one of sgd, adamw, got 'adam'"),
+    (lambda p: p["training"].update(time_budget_s=-5), "training.time_budget_s must be > 0, got -5"),
+    (lambda p: p.update(speed="fast"), "speed must be dict, got str"),
 ])
 def test_a_hand_edited_plan_is_checked(written_plan, tmp_path, edit, message):
     path = _edited(written_plan, tmp_path, edit)

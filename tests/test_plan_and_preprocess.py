@@ -50,6 +50,13 @@ def test_end_to_end_resumable(tiny_raw, tmp_path, capsys):
     assert props["class_locations"]["1"]
     assert tree_digest(tiny_raw) == before  # raw data untouched
 
+    # the plan says how long its schedule takes and what that rests on ($SUPREM_cpu_gflops in the tests)
+    printed = capsys.readouterr().out
+    assert plan["speed"]["source"] == "assumed" and plan["speed"]["gflops"] == 60
+    assert "expected training time" in printed and "100 epochs x 50 iterations" in printed
+    assert plan["speed"]["expected_training_seconds"] == pytest.approx(
+        100 * (50 * plan["speed"]["step_seconds"] + 20 * plan["speed"]["val_step_seconds"]), rel=1e-3)
+
     # rerun: nothing to do; a case whose JSON is missing (killed mid-way) is redone, others skipped
     (data_dir / "case_001.json").unlink()
     capsys.readouterr()

@@ -233,8 +233,11 @@ def test_time_budget_stops_on_time_with_a_usable_checkpoint(tiny_root, tmp_path,
 
 
 def test_time_budget_and_epochs_exclude_each_other(tiny_root, tmp_path, capsys):
+    from suprem_net.cli._common import parse_duration
     from suprem_net.cli.train import main
 
+    assert [parse_duration(t) for t in ("90", "90s", "30m", "1.5h", "1h30m", "2 min")] == [90, 90, 1800, 5400, 5400,
+                                                                                           120]
     user_error(main, _cmd(tiny_root, tmp_path / "r", "--time-budget", "5m", "--epochs", "2"), capsys,
                "--time-budget sets the number of epochs")
     code = None

@@ -197,8 +197,9 @@ class _Search:
     """What the patch search needs besides the spacing: family, channels, budgets, step settings."""
 
     def __init__(self, family: Family, fp: dict, kwargs, base_patch, in_ch: int, n_cls: int, budget: dict,
-                 initial_volume: int, step: dict):
+                 initial_volume: int, step: dict, min_share: float = MIN_FOV_SHARE):
         self.family, self.fp, self.kwargs, self.base_patch = family, fp, kwargs, base_patch
+        self.min_share = min_share
         self.in_ch, self.n_cls, self.budget, self.initial, self.step = in_ch, n_cls, budget, initial_volume, step
 
     def patch(self, spacing) -> tuple[list[int], dict, list[int], dict]:
@@ -214,20 +215,20 @@ class _Search:
 
     def keeping_fov(self, spacing, coarsen: bool):
         """The patch at ``spacing``; with ``coarsen``, at the finest spacing (by raising the finest axes, see
-        :func:`floored_spacing`) whose patch covers at least :data:`MIN_FOV_SHARE` of the median image."""
+        :func:`floored_spacing`) whose patch covers at least ``min_share`` of the median image."""
         found = self._at(spacing)
-        if not coarsen or found[-1] >= MIN_FOV_SHARE:
+        if not coarsen or found[-1] >= self.min_share:
             return found
         lo, hi = min(spacing), min(spacing) * 2
         for _ in range(MAX_COARSENING_STEPS):  # an upper bound on the floor: double until the patch covers it
             found = self._at(floored_spacing(spacing, hi))
-            if found[-1] >= MIN_FOV_SHARE:
+            if found[-1] >= self.min_share:
                 break
             lo, hi = hi, hi * 2
         for _ in range(BISECTION_STEPS):  # then the finest floor that still covers it
             mid = (lo * hi) ** 0.5
             candidate = self._at(floored_spacing(spacing, mid))
-            if candidate[-1] >= MIN_FOV_SHARE:
+            if candidate[-1] >= self.min_share:
                 hi, found = mid, candidate
             else:
                 lo = mid
@@ -242,10 +243,12 @@ def make_plan(ds_spec: dict, fp: dict, *, plans_name: str, network: str | None =
               device: str = "cpu", gpu_memory_gb: float | None = None,
               cpu_seconds_per_iteration: float = DEFAULT_CPU_SECONDS_PER_ITERATION,
               cpu_gflops: float | None = None, speed: Speed | None = None,
-              time_budget_s: float | None = None) -> dict:
+              time_budget_s: float | None = None, min_fov_share: float = MIN_FOV_SHARE) -> dict:
     """Build the plans dict (see docs/plans.md). ``speed`` times candidate steps (default, and with
     ``cpu_gflops``: :class:`AssumedSpeed` at ``cpu_gflops`` or :data:`DEFAULT_CPU_GFLOPS`);
-    ``time_budget_s``: the plan's wall-clock training budget (``training.time_budget_s``)."""
+    ``time_budget_s``: the plan's wall-clock training budget (``training.time_budget_s``);
+    ``min_fov_share``: the field-of-view rule of CPU plans (0: keep the median spacing, the rule
+    before it, which ``benchmarks/fov_budget.py`` compares with)."""
     pre = load_preset(preset) if preset else None
     family = get_family(network or (pre["network"]["family"] if pre else DEFAULT_FAMILY))
     fp = fingerprint_in_axes(fp, family.axes)
@@ -267,8 +270,9 @@ def make_plan(ds_spec: dict, fp: dict, *, plans_name: str, network: str | None =
     step = _step_kwargs(training, dtype, scheme)
     search = _Search(family, fp, family.kwargs(pre["network"]["kwargs"] if pre else None) if
                      family.topology_kwargs is None else None, pre["patch_size"] if pre else [96, 96, 96], in_ch,
-                     n_cls, budget, GPU_INITIAL_VOLUME if device == "cuda" else CPU_INITIAL_VOLUME, step)
-    coarsen = device == "cpu" and pre is None
+                     n_cls, budget, GPU_INITIAL_VOLUME if device == "cuda" else CPU_INITIAL_VOLUME, step,
+                     min_fov_share)
+    coarsen = device == "cpu" and pre is None and min_fov_share > 0
     if device == "cpu":
         spacing, median_shape, net, patch, m, share = _fit_cpu_time(search, median_spacing, coarsen, speed,
                                                                     cpu_seconds_per_iteration, training, dtype)
@@ -308,7 +312,7 @@ def make_plan(ds_spec: dict, fp: dict, *, plans_name: str, network: str | None =
                    "flops_budget": budget.get("flops"), **m},
         "field_of_view": {"patch_mm": [round(p * s, 1) for p, s in zip(patch, spacing)],
                           "median_image_mm": [round(n * s, 1) for n, s in zip(median_shape, spacing)],
-                          "share": round(share, 4), "minimum_share": MIN_FOV_SHARE if coarsen else None,
+                          "share": round(share, 4), "minimum_share": min_fov_share if coarsen else None,
                           "median_spacing": [round(float(v), 4) for v in median_spacing],
                           "coarsened": bool(not np.allclose(spacing, median_spacing))},
         "training": training,
