@@ -22,8 +22,8 @@ into what :class:`suprem_net.inference.predictor.Predictor` needs:
   numbers; no code runs), never ``weights_only=False``;
 * the mirroring axes the trainer allowed (``inference_allowed_mirroring_axes``).
 
-For speed on the CPU the instance norms are computed by one ``group_norm`` call
-(:class:`FastInstanceNorm`, same arithmetic).
+For speed the predictor computes the instance norms as group norms (channels-last on the CPU) or
+by one ``group_norm`` call over (1, B*C, ...) (:class:`FastInstanceNorm`, same arithmetic).
 
 Not supported (a one-line :class:`SupremError`): 2D configurations, the cascade
 (``previous_stage``), region-based training (sigmoid outputs), ZScore with
@@ -45,6 +45,7 @@ import torch.nn as nn
 from suprem_net.errors import SupremError
 from suprem_net.io.checkpoint import load_checkpoint_file, strip_wrapper_prefixes
 from suprem_net.preprocessing.case import preprocess_case
+from suprem_net.timing import NO_TIMES, StageTimes
 
 logger = logging.getLogger(__name__)
 
@@ -211,19 +212,19 @@ def resample_like_nnunet(data: np.ndarray, new_shape: Sequence[int], axis: int |
     if np.all(shape == new_shape):
         return data.astype(np.float32, copy=False)
     out = np.zeros((data.shape[0], *new_shape), dtype=np.float32)
-    data = data.astype(float, copy=False)
     for c in range(data.shape[0]):
         if axis is None:
-            out[c] = resize(data[c], new_shape, order, mode="edge", anti_aliasing=False)
+            out[c] = resize(data[c].astype(float), new_shape, order, mode="edge", anti_aliasing=False)
             continue
         inplane = [int(new_shape[a]) for a in range(3) if a != axis]
         tmp = new_shape.copy()
         tmp[axis] = shape[axis]
         here = np.zeros(tmp)
-        for i in range(shape[axis]):
+        for i in range(shape[axis]):  # float64 one slice at a time: the same numbers, no float64 copy of the case
             sl = [slice(None)] * 3
             sl[axis] = i
-            here[tuple(sl)] = resize(data[c][tuple(sl)], inplane, order, mode="edge", anti_aliasing=False)
+            here[tuple(sl)] = resize(data[c][tuple(sl)].astype(float), inplane, order, mode="edge",
+                                     anti_aliasing=False)
         if shape[axis] == new_shape[axis]:
             out[c] = here
             continue
@@ -234,7 +235,8 @@ def resample_like_nnunet(data: np.ndarray, new_shape: Sequence[int], axis: int |
     return out
 
 
-def preprocess_nnunet(images: list[np.ndarray], geometry, plan: dict, seg: np.ndarray | None = None):
+def preprocess_nnunet(images: list[np.ndarray], geometry, plan: dict, seg: np.ndarray | None = None, *,
+                      times: StageTimes = NO_TIMES, body: bool = False):
     """:func:`suprem_net.preprocessing.case.preprocess_case` with nnU-Net's image resampling.
 
     Crop and normalisation are ours (identical arithmetic); the resampling to the plan's
@@ -247,9 +249,11 @@ def preprocess_nnunet(images: list[np.ndarray], geometry, plan: dict, seg: np.nd
         raise ValueError("preprocess_nnunet is for inference (no segmentation)")
     spacing = [float(s) for s in geometry.spacing]
     target = [float(s) for s in plan["target_spacing"]]
-    data, _, props = preprocess_case(images, geometry, {**plan, "target_spacing": spacing})  # crop + normalise
-    new_shape = [int(round(sp / t * s)) for sp, t, s in zip(spacing, target, data.shape[1:])]
-    data = resample_like_nnunet(data, new_shape, _separate_z(spacing, target), order=3, order_z=0)
+    data, _, props = preprocess_case(images, geometry, {**plan, "target_spacing": spacing},  # crop + normalise
+                                     times=times, body=body)
+    with times("resample"):
+        new_shape = [int(round(sp / t * s)) for sp, t, s in zip(spacing, target, data.shape[1:])]
+        data = resample_like_nnunet(data, new_shape, _separate_z(spacing, target), order=3, order_z=0)
     props["shape_after_resample"] = new_shape
     props["separate_z_axis"] = _separate_z(target, spacing)
     return data, None, props
@@ -335,7 +339,6 @@ def load_nnunet_model(model_dir: str | Path, folds: Sequence[str | int] = ("0",)
         except RuntimeError as e:
             raise SupremError(f"{fold_dir / checkpoint}: weights do not fit the plan's network "
                               f"({str(e).splitlines()[0][:150]})") from None
-        fast_instance_norms(net)
         models.append(net.eval())
         mirror_axes = axes if mirror_axes is None else tuple(a for a in mirror_axes if a in (axes or ()))
     plan["mirror_axes"] = list(mirror_axes) if mirror_axes is not None else [0, 1, 2]

@@ -20,59 +20,17 @@ cuDNN's autotuner is switched on instead (the patch shape never changes).
 """
 from __future__ import annotations
 
-import ctypes
 import logging
-import sys
 
 import torch
 import torch.nn as nn
 
 from suprem_net.networks import get_family
+from suprem_net.networks.speed import (  # noqa: F401  (the levers live there, shared with prediction)
+    UpsamplingAsMatmul, compiled, instance_norms_as_group_norms, is_compile_failure, keep_freed_memory,
+    upsampling_as_matmuls)
 
 log = logging.getLogger(__name__)
-
-
-def instance_norms_as_group_norms(model: nn.Module) -> int:
-    """Replace every 3-D instance norm without running statistics by ``GroupNorm(C, C)`` (one channel
-    per group: the same arithmetic, the same state-dict keys); returns how many were replaced.
-    The parameters are moved over as they are, so an optimiser built before still holds them."""
-    count = 0
-    for parent in model.modules():
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.InstanceNorm3d) and not child.track_running_stats:
-                gn = nn.GroupNorm(child.num_features, child.num_features, eps=child.eps, affine=child.affine)
-                if child.affine:
-                    gn.weight, gn.bias = child.weight, child.bias
-                setattr(parent, name, gn)
-                count += 1
-    return count
-
-
-class UpsamplingAsMatmul(nn.ConvTranspose3d):
-    """A transposed convolution whose kernel equals its stride (no overlap, no padding), computed as a
-    matrix product on channels-last data. Same parameters and keys as ``nn.ConvTranspose3d``."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, d, h, w = x.shape
-        kd, kh, kw = self.kernel_size
-        y = x.permute(0, 2, 3, 4, 1) @ self.weight.permute(0, 2, 3, 4, 1).reshape(c, -1)  # (n,d,h,w, kd*kh*kw*C_out)
-        y = y.view(n, d, h, w, kd, kh, kw, -1).permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(n, d * kd, h * kh, w * kw, -1)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)  # under autocast y is bf16/fp16, as the convolution's output would be
-        return y.permute(0, 4, 1, 2, 3)  # channels-last (N, C, D, H, W)
-
-
-def upsampling_as_matmuls(model: nn.Module) -> int:
-    """Turn every plain 3-D transposed convolution with kernel = stride into an
-    :class:`UpsamplingAsMatmul` (the same module, parameters and keys; only its forward differs);
-    returns how many."""
-    count = 0
-    for m in model.modules():
-        if (type(m) is nn.ConvTranspose3d and m.kernel_size == m.stride and m.groups == 1
-                and not any(m.padding) and not any(m.output_padding) and m.dilation == (1, 1, 1)):
-            m.__class__ = UpsamplingAsMatmul
-            count += 1
-    return count
 
 
 def prepare_for_training(model: nn.Module, family: str, device: torch.device,
@@ -96,36 +54,3 @@ def prepare_for_training(model: nn.Module, family: str, device: torch.device,
     return torch.channels_last_3d
 
 
-def keep_freed_memory() -> bool:
-    """Ask glibc to serve large allocations from the heap and not to give freed memory back, so the
-    activations of one step reuse the pages of the last one (PyTorch's CPU allocator is plain
-    malloc). Affects this process and the workers it forks; the resident size stays at its peak
-    instead of shrinking between steps. Returns whether it took effect (False off glibc)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # another C library (e.g. musl)
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    # older glibc refuses thresholds above 32 MiB; tensors larger than the one accepted stay mmapped
-    mmap_ok = any(mallopt(m_mmap_threshold, size) for size in (1 << 30, 32 << 20))
-    return mmap_ok and bool(mallopt(m_trim_threshold, (1 << 31) - 1))
-
-
-def compiled(model: nn.Module) -> nn.Module:
-    """``torch.compile`` for the fixed training shape (patch and batch never change); the model itself
-    (with a warning) when torch.compile cannot even be set up here."""
-    try:
-        return torch.compile(model, dynamic=False)
-    except Exception as e:  # e.g. inductor failing to import its templates under a non-UTF-8 locale
-        log.warning("torch.compile is not available (%s: %s); training without it",
-                    type(e).__name__, " ".join(str(e).split())[:200])
-        return model
-
-
-def is_compile_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` came from torch.compile's backend (e.g. no C++ compiler on this machine)."""
-    from torch._dynamo.exc import BackendCompilerFailed, TorchDynamoException
-
-    return isinstance(exc, (BackendCompilerFailed, TorchDynamoException))
