@@ -25,9 +25,7 @@ import torch
 
 from tqdm import tqdm
 
-from suprem_net.device import resolve_device
 from suprem_net.errors import SupremError
-from suprem_net.evaluation.evaluate import evaluate_folders, write_summary
 from suprem_net.inference import bundle
 from suprem_net.inference.inputs import discover_cases, read_case
 from suprem_net.inference.multilabel import predict_multilabel
@@ -36,18 +34,14 @@ from suprem_net.inference.outputs import CaseOutputs, Prediction
 from suprem_net.inference.predictor import Predictor, lcc_classes, load_model_dir
 from suprem_net.inference.zero_shot import load_zero_shot
 from suprem_net.io.atomic import read_json, write_json
-from suprem_net.io.dataset import RawDataset, load_raw_dataset
-from suprem_net.io.merge import load_aliases, plan_merge, run_merge
 from suprem_net.io.dicom import load_source
 from suprem_net.labels import LabelScheme
 from suprem_net.paths import location, resolve_dataset_name
 from suprem_net.plan import DEFAULT_PLANS_NAME, load_plan
-from suprem_net.planning.fingerprint import compute_fingerprint, load_or_compute
-from suprem_net.planning.planner import make_plan, plan_like
-from suprem_net.planning.verify import IntegrityError, header_problems
-from suprem_net.preprocessing.run import preprocess_dataset, verify_complete
 from suprem_net.timing import NO_TIMES, StageTimes
-from suprem_net.training.trainer import TrainConfig, train_fold
+
+# planning, preprocessing, training, evaluation and merging are imported where they are used: a
+# prediction (the command users run most) does not pay for importing the training stack (about 1.5 s)
 
 log = logging.getLogger(__name__)
 PathLike = str | os.PathLike
@@ -67,6 +61,12 @@ def plan_and_preprocess(dataset: str | int, *, raw: PathLike | None = None, prep
     cases. ``budgets``: ``gpu_memory_gb``, ``cpu_seconds_per_iteration``, ``cpu_gflops`` of
     :func:`~suprem_net.planning.planner.make_plan`. Returns ``{"dataset", "cases", "plan", "plan_path",
     "counts"}`` (``counts``: cases, preprocessed, skipped; ``None`` without preprocessing)."""
+    from suprem_net.device import resolve_device
+    from suprem_net.io.dataset import load_raw_dataset
+    from suprem_net.planning.fingerprint import compute_fingerprint, load_or_compute
+    from suprem_net.planning.planner import make_plan, plan_like
+    from suprem_net.planning.verify import IntegrityError, header_problems
+
     if like and (preset or network):
         raise SupremError("--like takes the network and input distribution from the given plan; "
                           "leave out --preset/--network")
@@ -104,7 +104,7 @@ def plan_and_preprocess(dataset: str | int, *, raw: PathLike | None = None, prep
     return result
 
 
-def _like_source(path: PathLike, ds: RawDataset) -> dict:
+def _like_source(path: PathLike, ds) -> dict:
     """The source plan of ``--like``, checked against this dataset."""
     plan = load_plan(path)
     ours, theirs = ds.channel_names, plan["channel_names"]
@@ -114,8 +114,10 @@ def _like_source(path: PathLike, ds: RawDataset) -> dict:
     return plan
 
 
-def _preprocess(ds: RawDataset, cases: list, plan: dict, data_dir: Path, num_processes: int,
+def _preprocess(ds, cases: list, plan: dict, data_dir: Path, num_processes: int,
                 shard: tuple[int, int]) -> dict:
+    from suprem_net.preprocessing.run import preprocess_dataset, verify_complete
+
     counts = preprocess_dataset(cases, plan, data_dir, num_processes, shard,
                                 partial_labels=ds.spec.get("partial_labels"))
     if shard[1] == 1:
@@ -132,6 +134,8 @@ def train(dataset: str | int, fold: str | int, *, raw: PathLike | None = None, p
     :class:`~suprem_net.training.trainer.TrainConfig` (``plans_name``, ``pretrained``, ``overrides``,
     ``resume``, ``device``, ...). Returns the history, the best EMA pseudo Dice, the fold folder and,
     unless switched off, the final validation's summary."""
+    from suprem_net.training.trainer import TrainConfig, train_fold
+
     pp_root = location("preprocessed", preprocessed)
     name = resolve_dataset_name(str(dataset), location("raw", raw), pp_root)
     cfg = TrainConfig(dataset=name, fold=str(fold), preprocessed_root=pp_root,
@@ -286,6 +290,8 @@ def evaluate(reference: PathLike, prediction: PathLike, labels: dict[str, int] |
              tolerance_mm: float = 1.0, output: PathLike | None = None, num_workers: int | None = None) -> dict:
     """DSC and NSD of every predicted label map against its reference (matched by file name); writes the
     summary as JSON (``output``, default ``PREDICTION/summary.json``) and CSV next to it."""
+    from suprem_net.evaluation.evaluate import evaluate_folders, write_summary
+
     out_json = Path(output) if output else Path(prediction) / "summary.json"
     if out_json.suffix.lower() == ".csv":
         raise SupremError(f"-o {out_json}: give the JSON path; the CSV is written next to it")
@@ -302,6 +308,9 @@ def merge_datasets(datasets: list[str | int], output_id: int, name: str = "Merge
                    num_processes: int | None = None) -> dict:
     """Pool raw datasets with different label sets into one multi-label dataset ``DatasetNNN_<name>``
     (see :mod:`suprem_net.io.merge`). Returns ``{"folder", "cases", "classes", "partial"}``."""
+    from suprem_net.io.dataset import load_raw_dataset
+    from suprem_net.io.merge import load_aliases, plan_merge, run_merge
+
     if len(datasets) < 2:
         raise SupremError("-d: give at least two datasets to merge")
     if not 0 <= output_id <= 999:

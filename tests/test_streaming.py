@@ -90,12 +90,35 @@ def test_body_mask_fills_enclosed_air():
     hu = np.full((80, 80, 80), -1000, dtype=np.int16)
     hu[20:60, 20:60, 20:60] = 40        # a body ...
     hu[24:56, 24:56, 24:56] = -850      # ... with lungs inside, larger than the margin around a tile
-    mask = BodyMask.of(hu, block=4)
+    mask = BodyMask.of(hu, None, [[0, 80]] * 3, block=4)
     assert mask.blocks[10, 10, 10] and not mask.blocks[0, 0, 0]
     grid = (40, 40, 40)  # a preprocessed grid at half the resolution
     assert mask.tile_has_body([20, 20, 20], [1, 1, 1], grid)  # within the lungs only: kept
     assert not mask.tile_has_body([0, 0, 0], [2, 2, 2], grid)  # a corner of air: left out
     assert 0 < mask.fraction < 1
+
+
+def test_body_mask_follows_orientation_and_crop():
+    """The blocks, pooled on the image as read, answer for the oriented and cropped grid."""
+    from suprem_net.preprocessing.orientation import reorient
+
+    rng = np.random.default_rng(0)
+    hu = np.full((23, 30, 37), -1000, dtype=np.int16)
+    hu[17:20, 3:6, 29:33] = 100  # a small body off-centre
+    t = {"perm": [2, 0, 1], "flip": [True, False, True]}
+    oriented = reorient(hu, t)
+    bbox = [[2, 35], [1, 22], [0, 29]]
+    cropped = oriented[tuple(slice(lo, hi) for lo, hi in bbox)]
+    mask = BodyMask.of(hu, t, bbox, block=4)
+    grid = cropped.shape  # no resampling: every tile answer can be checked against the voxels
+    for _ in range(300):
+        size = rng.integers(1, 6, 3)
+        start = [int(rng.integers(0, n - s + 1)) for n, s in zip(grid, size)]
+        voxels = cropped[tuple(slice(a, a + s) for a, s in zip(start, size))]
+        if (voxels > -500).any():  # a tile with body is never left out
+            assert mask.tile_has_body(start, size, grid)
+    far = [0, 0, 0] if (cropped[:12, :12, :12] <= -500).all() else None
+    assert far is not None and not mask.tile_has_body(far, [2, 2, 2], grid)
 
 
 def test_skipping_air_tiles_keeps_every_label_on_a_phantom():
@@ -147,3 +170,12 @@ def test_predict_case_never_holds_the_whole_logits(monkeypatch):
     labels, _ = Predictor(plan, [_Smooth()], device="cpu", tta=False, channels_last=False).predict_case(
         [ct], Geometry(geo.shape, geo.spacing, geo.origin, geo.direction))
     assert labels.shape == geo.shape and (labels == 2).any()
+
+
+def test_argmax_labels_is_argmax_with_ties_to_the_first_class():
+    from suprem_net.inference.export import argmax_labels
+
+    x = torch.randn(5, 6, 7, 8)
+    x[3, 0] = x[1, 0] = x[:, 0].max(0).values + 1  # a tie between classes 1 and 3
+    assert torch.equal(argmax_labels(x), x.argmax(0).to(torch.uint8))
+    assert (argmax_labels(x)[0] == 1).all()

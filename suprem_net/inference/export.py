@@ -120,6 +120,17 @@ def resampled_slabs(logits, props: dict, slab: int = 16, times: StageTimes = NO_
                 yield slice(z_start + t0 + z0, z_start + t0 + z0 + piece.shape[1]), piece
 
 
+def argmax_labels(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(0)`` as uint8 (the first class wins a tie, as argmax): one running comparison per
+    class, an order of magnitude faster on the CPU than torch's argmax over the leading dimension."""
+    best = logits[0].clone()
+    labels = torch.zeros(logits.shape[1:], dtype=torch.uint8, device=logits.device)
+    for k in range(1, logits.shape[0]):
+        labels.masked_fill_(logits[k] > best, k)
+        torch.maximum(best, logits[k], out=best)
+    return labels
+
+
 def revert_logits(logits, props: dict, *, probabilities: bool = False, slab: int = 16,
                   times: StageTimes = NO_TIMES) -> tuple[np.ndarray, np.ndarray | None]:
     """Return ``(labels uint8 (Z,Y,X), probabilities float16 (K,Z,Y,X) or None)`` in the
@@ -130,7 +141,7 @@ def revert_logits(logits, props: dict, *, probabilities: bool = False, slab: int
     box = [slice(lo, hi) for lo, hi in props["bbox"]]
     for zs, part in resampled_slabs(logits, props, slab, times):
         with times("revert"):
-            full[zs, box[1], box[2]] = part.argmax(0).to(torch.uint8).cpu().numpy()
+            full[zs, box[1], box[2]] = argmax_labels(part).cpu().numpy()
             if probabilities:
                 if probs is None:
                     probs = np.zeros((part.shape[0], *props["oriented_shape"]), dtype=np.float16)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -203,7 +204,8 @@ def resample_like_nnunet(data: np.ndarray, new_shape: Sequence[int], axis: int |
                          order_z: int = 0) -> np.ndarray:
     """nnU-Net's ``resample_data_or_seg`` for images: scikit-image ``resize`` (B-spline of
     ``order``, mode edge, no anti-aliasing) in float64, slice by slice in-plane when ``axis`` is
-    the separate low-resolution axis, then ``map_coordinates(order=order_z)`` along it."""
+    the separate low-resolution axis (the slices on the predictor's threads, each computed exactly as
+    alone), then ``map_coordinates(order=order_z)`` along it."""
     from scipy.ndimage import map_coordinates
     from skimage.transform import resize
 
@@ -220,11 +222,16 @@ def resample_like_nnunet(data: np.ndarray, new_shape: Sequence[int], axis: int |
         tmp = new_shape.copy()
         tmp[axis] = shape[axis]
         here = np.zeros(tmp)
-        for i in range(shape[axis]):  # float64 one slice at a time: the same numbers, no float64 copy of the case
+
+        def one_slice(i: int, c: int = c) -> None:  # float64 one slice at a time: no float64 copy of the case
             sl = [slice(None)] * 3
             sl[axis] = i
             here[tuple(sl)] = resize(data[c][tuple(sl)].astype(float), inplane, order, mode="edge",
                                      anti_aliasing=False)
+
+        # scipy.ndimage releases the GIL: the slices are resized in parallel, each exactly as alone
+        with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+            list(pool.map(one_slice, range(shape[axis])))
         if shape[axis] == new_shape[axis]:
             out[c] = here
             continue

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from suprem_net.preprocessing.orientation import reorient
+
 BODY_HU = -500.0
 BLOCK = 4
 MARGIN = 3  # cropped voxels around a tile: the reach of the cubic resampling kernel, and one more
@@ -73,20 +75,31 @@ def _filled_in_slices(mask: np.ndarray, axis: int) -> np.ndarray:
 
 @dataclass
 class BodyMask:
-    """The body of a case in blocks of its cropped grid (see the module docstring)."""
+    """The body of a case in blocks (see the module docstring). Block ``j`` along an axis covers the
+    cropped voxels [origin + j * block, origin + (j + 1) * block)."""
 
-    blocks: np.ndarray          # bool, one entry per block of ``block``^3 cropped voxels
+    blocks: np.ndarray          # bool, one entry per block of ``block``^3 voxels, in the oriented axis order
     crop_shape: tuple[int, ...]
+    origin: tuple[int, ...]     # cropped voxel index where block 0 starts (<= 0), per axis
     block: int = BLOCK
 
     @classmethod
-    def of(cls, channel: np.ndarray, threshold: float = BODY_HU, block: int = BLOCK) -> "BodyMask":
-        """The body of ``channel`` (HU, the oriented and cropped grid)."""
+    def of(cls, channel: np.ndarray, transform: dict | None, bbox: Sequence[Sequence[int]],
+           threshold: float = BODY_HU, block: int = BLOCK) -> "BodyMask":
+        """The body of ``channel`` (HU, as read: pooled in its own memory order, which is fast), for the
+        grid that orientation ``transform`` and the crop box ``bbox`` (oriented voxels) make of it."""
         pooled = _pooled(channel, threshold, block)
+        origin = [0, 0, 0]
+        if transform:
+            pooled = np.ascontiguousarray(reorient(pooled, transform))
+            for i, (axis, flipped) in enumerate(zip(transform["perm"], transform["flip"])):
+                if flipped:  # the last block now comes first, aligned to the far end
+                    origin[i] = channel.shape[axis] - block * pooled.shape[i]
         body = pooled.copy()
         for axis in range(3):
             body |= _filled_in_slices(pooled, axis)
-        return cls(body, tuple(int(s) for s in channel.shape), block)
+        return cls(body, tuple(int(hi - lo) for lo, hi in bbox),
+                   tuple(int(o - box[0]) for o, box in zip(origin, bbox)), block)
 
     @property
     def fraction(self) -> float:
@@ -97,12 +110,12 @@ class BodyMask:
         """Whether a tile at ``start`` of ``size`` voxels on the preprocessed grid ``grid_shape``
         (the cropped grid resampled) may hold body, conservatively."""
         index = []
-        for s, p, n, c in zip(start, size, grid_shape, self.crop_shape):
+        for s, p, n, c, o, nb in zip(start, size, grid_shape, self.crop_shape, self.origin, self.blocks.shape):
             scale = c / n
             reach = MARGIN + math.ceil(2 * scale)
             lo = max(0, math.floor(max(s, 0) * scale) - reach)
             hi = min(c, math.ceil(min(s + p, n) * scale) + reach)
             if hi <= lo:
                 return False
-            index.append(slice(lo // self.block, (hi - 1) // self.block + 1))
+            index.append(slice(max(0, (lo - o) // self.block), min(nb, (hi - 1 - o) // self.block + 1)))
         return bool(self.blocks[tuple(index)].any())

@@ -70,7 +70,7 @@ def preprocess_case(images: list[np.ndarray], geometry: Geometry, plan: dict, se
         sl = tuple(slice(lo, hi) for lo, hi in bbox)
         data = data[(slice(None),) + sl]
         seg = seg[sl] if seg is not None else None
-        mask = BodyMask.of(data[0]) if body and is_ct(plan["normalization"]) else None
+        mask = BodyMask.of(images[0], transform, bbox) if body and is_ct(plan["normalization"]) else None
     with times("normalise"):
         data = _normalised(data, plan["normalization"])
     with times("resample"):
