@@ -43,7 +43,7 @@ def time_steps(levers: list[str], steps: int) -> float:
     import torch
 
     from suprem_net.networks import build_network
-    from suprem_net.training import acceleration as acc
+    from suprem_net.networks import speed as acc
     from suprem_net.losses import SegmentationLoss
 
     torch.manual_seed(0)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from suprem_net.networks import build_network
-from suprem_net.training.acceleration import (UpsamplingAsMatmul, instance_norms_as_group_norms,
-                                              prepare_for_training, upsampling_as_matmuls)
+from suprem_net.networks.speed import UpsamplingAsMatmul, instance_norms_as_group_norms, upsampling_as_matmuls
+from suprem_net.training.acceleration import prepare_for_training
 from tests.helpers import shrink_plan, tiny_net
 
 
@@ -118,7 +118,7 @@ def test_a_failing_compiler_falls_back_to_eager(tmp_path, monkeypatch, caplog):
 
 
 def test_compile_that_cannot_be_set_up_returns_the_model(monkeypatch, caplog):
-    from suprem_net.training import acceleration
+    from suprem_net.networks import speed
 
     def broken(*a, **k):
         raise UnicodeDecodeError("ascii", b"\xe2", 0, 1, "ordinal not in range(128)")
@@ -126,13 +126,13 @@ def test_compile_that_cannot_be_set_up_returns_the_model(monkeypatch, caplog):
     monkeypatch.setattr(torch, "compile", broken)
     net = build_network(tiny_net(), 1, 2)
     with caplog.at_level("WARNING"):
-        assert acceleration.compiled(net) is net
+        assert speed.compiled(net) is net
     assert "torch.compile is not available (UnicodeDecodeError" in caplog.text
 
 
 ALLOCATION_FAULTS = """
 import resource, sys, torch
-from suprem_net.training.acceleration import keep_freed_memory
+from suprem_net.networks.speed import keep_freed_memory
 if sys.argv[1] == "kept":
     assert keep_freed_memory()
 for step in range(25):  # a training step's activations: allocated, used, freed, again

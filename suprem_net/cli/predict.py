@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True,
                    help="output folder (or, for a single-case input, an image file name such as seg.nii.gz)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("-m", "--model", help="model folder RESULTS/DatasetXXX/<plans_name>")
+    src.add_argument("-m", "--model", help="model folder RESULTS/DatasetXXX/<plans_name>, or a predictor bundle "
+                                           "written by suprem_export (run with onnxruntime)")
     src.add_argument("--nnunet-model", metavar="RESULTS_FOLDER",
                      help="an nnU-Net v2 results folder DatasetXXX/<Trainer>__<Plans>__<configuration> "
                           "(plans.json, dataset.json, fold_K/checkpoint_final.pth), predicted with suprem_net "
@@ -62,6 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write CASE.npz with float16 softmax probabilities (K, Z, Y, X) in the original geometry")
     p.add_argument("--preview", action="store_true", help="also write CASE.png with three views and a legend")
     p.add_argument("--overwrite", action="store_true", help="predict cases whose output already exists")
+    p.add_argument("--backend", choices=api.BACKENDS, default="auto",
+                   help="auto (default): onnxruntime for a predictor bundle (-m BUNDLE), torch for everything else; "
+                        "onnxruntime runs only bundles (see docs/export.md)")
+    p.add_argument("--skip-air", action=argparse.BooleanOptionalAction, default=True,
+                   help="leave out the tiles of a CT that hold only air (body mask from the HU values; body voxels "
+                        "keep their labels exactly, see docs/predict.md; default on, no effect on non-CT models)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (a one-off compilation first; pays off over many tiles or cases)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
+    p.add_argument("--profile", action="store_true",
+                   help="print the seconds spent per stage (read, reorient, ..., network, accumulation, revert, write)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -76,9 +88,14 @@ def main(argv=None) -> int:
         checkpoint=args.checkpoint, device=args.device, precision=args.precision, tta=args.tta,
         step_size=args.step_size, tile_batch_size=args.tile_batch_size, lcc=args.lcc, layout=args.output_layout,
         output_type=args.output_type, statistics=args.statistics, save_probabilities=args.save_probabilities,
-        preview=args.preview, overwrite=args.overwrite)
+        preview=args.preview, overwrite=args.overwrite, backend=args.backend, skip_air=args.skip_air,
+        compile=args.compile, threads=args.threads, profile=args.profile)
     print(f"{result['cases']} case(s): {result['skipped']} already done, wrote {len(result['written'])} to "
           f"{args.output}")
+    if args.profile:
+        total = sum(result["stages"].values()) or 1.0
+        for stage, seconds in result["stages"].items():
+            print(f"  {stage:<13} {seconds:8.2f} s  {100 * seconds / total:5.1f} %")
     return 0
 
 

@@ -159,14 +159,21 @@ def read_dicom(folder: Path) -> tuple[np.ndarray, Geometry]:
     return sitk.GetArrayFromImage(img).astype(np.float32), Geometry.from_sitk(img)
 
 
+def _compact(arr: np.ndarray) -> np.ndarray:
+    """Integer pixels as they are (an int16 CT takes half the memory of float32; preprocessing converts
+    one channel at a time), any other type as float32."""
+    return arr if arr.dtype.kind in "iu" and arr.dtype.itemsize <= 4 else arr.astype(np.float32, copy=False)
+
+
 def read_case(case: Case) -> tuple[list[np.ndarray], Geometry]:
-    """The channel arrays (z, y, x) float32 and the geometry of the first channel."""
+    """The channel arrays (z, y, x), integer as stored or float32, and the geometry of the first channel."""
     if case.dicom_dir is not None:
         arr, geo = read_dicom(case.dicom_dir)
         return [arr], geo
     arrays, geo = [], None
     for f in case.files:
-        arr, g = read_image(f)
+        arr, g = read_image(f, dtype=None)
+        arr = _compact(arr)
         if geo is None:
             geo = g
         else:

@@ -2,10 +2,11 @@
 
 Each class is predicted independently: class c is present where sigmoid(logit_c) > 0.5, so
 masks may overlap. Results come back in the original image grid, like
-:func:`suprem_net.inference.export.revert_logits`: the logits (C, z, y, x) are resized along
-the first array axis at the low in-plane resolution, then slab by slab in-plane (at most
-C x ``slab`` x Y x X floats of the original resolution at once), thresholded, packed into a
-bitmask (bit c-1 = class c) and pasted into the crop box; the orientation is undone last.
+:func:`suprem_net.inference.export.revert_logits`: the logits (C, z, y, x), streamed from the
+sliding window, are resized along the first array axis at the low in-plane resolution as they
+arrive, then slab by slab in-plane (at most C x ``slab`` x Y x X floats of the original
+resolution at once), thresholded, packed into a bitmask (bit c-1 = class c) and pasted into the
+crop box; the orientation is undone last.
 
 The combined label map gives every voxel the class with the highest probability among the
 classes that pass 0.5 (0 where none does): the plain ``suprem_predict`` output and
@@ -23,7 +24,7 @@ from suprem_net.inference.export import resampled_slabs
 from suprem_net.io.image import Geometry, write_image
 from suprem_net.preprocessing import orientation as ori
 from suprem_net.labels import LabelScheme, bitmask_dtype, channel
-from suprem_net.preprocessing.case import preprocess_case
+from suprem_net.timing import NO_TIMES, StageTimes
 
 logger = logging.getLogger(__name__)
 
@@ -43,30 +44,33 @@ def to_bitmask(logits: torch.Tensor) -> torch.Tensor:
     return bits
 
 
-def revert_sigmoid(logits: torch.Tensor, props: dict, slab: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """``(combined labels (Z,Y,X), bitmask (Z,Y,X))`` in the original grid for ``logits`` (C, z, y, x)."""
-    c = logits.shape[0]
-    label_dtype = np.uint8 if c < 256 else np.uint16
-    combined = np.zeros(props["oriented_shape"], dtype=label_dtype)
-    bits = np.zeros(props["oriented_shape"], dtype=bitmask_dtype(c))
+def revert_sigmoid(logits, props: dict, slab: int = 16,
+                   times: StageTimes = NO_TIMES) -> tuple[np.ndarray, np.ndarray]:
+    """``(combined labels (Z,Y,X), bitmask (Z,Y,X))`` in the original grid for ``logits`` (C, z, y, x),
+    whole or as slabs along the first axis (see :func:`~suprem_net.inference.export.resampled_slabs`)."""
+    combined = bits = None
     box = [slice(lo, hi) for lo, hi in props["bbox"]]
-    for zs, part in resampled_slabs(logits, props, slab):
-        combined[zs, box[1], box[2]] = combine(part).cpu().numpy().astype(label_dtype)
-        bits[zs, box[1], box[2]] = to_bitmask(part).cpu().numpy().astype(bits.dtype)
-    if props.get("orientation"):
-        combined = ori.restore(combined, props["orientation"])
-        bits = ori.restore(bits, props["orientation"])
-    return np.ascontiguousarray(combined), np.ascontiguousarray(bits)
+    for zs, part in resampled_slabs(logits, props, slab, times):
+        with times("revert"):
+            if combined is None:
+                c = part.shape[0]
+                combined = np.zeros(props["oriented_shape"], dtype=np.uint8 if c < 256 else np.uint16)
+                bits = np.zeros(props["oriented_shape"], dtype=bitmask_dtype(c))
+            combined[zs, box[1], box[2]] = combine(part).cpu().numpy().astype(combined.dtype)
+            bits[zs, box[1], box[2]] = to_bitmask(part).cpu().numpy().astype(bits.dtype)
+    with times("revert"):
+        if props.get("orientation"):
+            combined = ori.restore(combined, props["orientation"])
+            bits = ori.restore(bits, props["orientation"])
+        return np.ascontiguousarray(combined), np.ascontiguousarray(bits)
 
 
 def predict_multilabel(predictor, images: list[np.ndarray], geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
     """``(combined labels, bitmask)`` in ``geometry`` for one case with a multi-label predictor."""
     if not LabelScheme.of(predictor.plan).multi_label:
         raise ValueError("predict_multilabel needs a multi-label (bitmask) plan")
-    data, _, props = preprocess_case(images, geometry, predictor.plan)
-    logits = predictor._logits(data)
-    del data
-    return revert_sigmoid(logits, props)
+    data, props = predictor.preprocessed(images, geometry)
+    return revert_sigmoid(predictor.logit_slabs(data, props), props, times=predictor.times)
 
 
 def write_per_organ_bitmask(case_dir: Path, combined: np.ndarray, bits: np.ndarray, geometry: Geometry,

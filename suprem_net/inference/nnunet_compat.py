@@ -22,8 +22,8 @@ into what :class:`suprem_net.inference.predictor.Predictor` needs:
   numbers; no code runs), never ``weights_only=False``;
 * the mirroring axes the trainer allowed (``inference_allowed_mirroring_axes``).
 
-For speed on the CPU the instance norms are computed by one ``group_norm`` call
-(:class:`FastInstanceNorm`, same arithmetic).
+For speed the predictor computes the instance norms as group norms (channels-last on the CPU) or
+by one ``group_norm`` call over (1, B*C, ...) (:class:`FastInstanceNorm`, same arithmetic).
 
 Not supported (a one-line :class:`SupremError`): 2D configurations, the cascade
 (``previous_stage``), region-based training (sigmoid outputs), ZScore with
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,6 +46,7 @@ import torch.nn as nn
 from suprem_net.errors import SupremError
 from suprem_net.io.checkpoint import load_checkpoint_file, strip_wrapper_prefixes
 from suprem_net.preprocessing.case import preprocess_case
+from suprem_net.timing import NO_TIMES, StageTimes
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +204,8 @@ def resample_like_nnunet(data: np.ndarray, new_shape: Sequence[int], axis: int |
                          order_z: int = 0) -> np.ndarray:
     """nnU-Net's ``resample_data_or_seg`` for images: scikit-image ``resize`` (B-spline of
     ``order``, mode edge, no anti-aliasing) in float64, slice by slice in-plane when ``axis`` is
-    the separate low-resolution axis, then ``map_coordinates(order=order_z)`` along it."""
+    the separate low-resolution axis (the slices on the predictor's threads, each computed exactly as
+    alone), then ``map_coordinates(order=order_z)`` along it."""
     from scipy.ndimage import map_coordinates
     from skimage.transform import resize
 
@@ -211,19 +214,24 @@ def resample_like_nnunet(data: np.ndarray, new_shape: Sequence[int], axis: int |
     if np.all(shape == new_shape):
         return data.astype(np.float32, copy=False)
     out = np.zeros((data.shape[0], *new_shape), dtype=np.float32)
-    data = data.astype(float, copy=False)
     for c in range(data.shape[0]):
         if axis is None:
-            out[c] = resize(data[c], new_shape, order, mode="edge", anti_aliasing=False)
+            out[c] = resize(data[c].astype(float), new_shape, order, mode="edge", anti_aliasing=False)
             continue
         inplane = [int(new_shape[a]) for a in range(3) if a != axis]
         tmp = new_shape.copy()
         tmp[axis] = shape[axis]
         here = np.zeros(tmp)
-        for i in range(shape[axis]):
+
+        def one_slice(i: int, c: int = c) -> None:  # float64 one slice at a time: no float64 copy of the case
             sl = [slice(None)] * 3
             sl[axis] = i
-            here[tuple(sl)] = resize(data[c][tuple(sl)], inplane, order, mode="edge", anti_aliasing=False)
+            here[tuple(sl)] = resize(data[c][tuple(sl)].astype(float), inplane, order, mode="edge",
+                                     anti_aliasing=False)
+
+        # scipy.ndimage releases the GIL: the slices are resized in parallel, each exactly as alone
+        with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+            list(pool.map(one_slice, range(shape[axis])))
         if shape[axis] == new_shape[axis]:
             out[c] = here
             continue
@@ -234,7 +242,8 @@ def resample_like_nnunet(data: np.ndarray, new_shape: Sequence[int], axis: int |
     return out
 
 
-def preprocess_nnunet(images: list[np.ndarray], geometry, plan: dict, seg: np.ndarray | None = None):
+def preprocess_nnunet(images: list[np.ndarray], geometry, plan: dict, seg: np.ndarray | None = None, *,
+                      times: StageTimes = NO_TIMES, body: bool = False):
     """:func:`suprem_net.preprocessing.case.preprocess_case` with nnU-Net's image resampling.
 
     Crop and normalisation are ours (identical arithmetic); the resampling to the plan's
@@ -247,9 +256,11 @@ def preprocess_nnunet(images: list[np.ndarray], geometry, plan: dict, seg: np.nd
         raise ValueError("preprocess_nnunet is for inference (no segmentation)")
     spacing = [float(s) for s in geometry.spacing]
     target = [float(s) for s in plan["target_spacing"]]
-    data, _, props = preprocess_case(images, geometry, {**plan, "target_spacing": spacing})  # crop + normalise
-    new_shape = [int(round(sp / t * s)) for sp, t, s in zip(spacing, target, data.shape[1:])]
-    data = resample_like_nnunet(data, new_shape, _separate_z(spacing, target), order=3, order_z=0)
+    data, _, props = preprocess_case(images, geometry, {**plan, "target_spacing": spacing},  # crop + normalise
+                                     times=times, body=body)
+    with times("resample"):
+        new_shape = [int(round(sp / t * s)) for sp, t, s in zip(spacing, target, data.shape[1:])]
+        data = resample_like_nnunet(data, new_shape, _separate_z(spacing, target), order=3, order_z=0)
     props["shape_after_resample"] = new_shape
     props["separate_z_axis"] = _separate_z(target, spacing)
     return data, None, props
@@ -335,7 +346,6 @@ def load_nnunet_model(model_dir: str | Path, folds: Sequence[str | int] = ("0",)
         except RuntimeError as e:
             raise SupremError(f"{fold_dir / checkpoint}: weights do not fit the plan's network "
                               f"({str(e).splitlines()[0][:150]})") from None
-        fast_instance_norms(net)
         models.append(net.eval())
         mirror_axes = axes if mirror_axes is None else tuple(a for a in mirror_axes if a in (axes or ()))
     plan["mirror_axes"] = list(mirror_axes) if mirror_axes is not None else [0, 1, 2]

@@ -3,7 +3,21 @@
 ``Predictor.from_model_dir(RESULTS/DatasetXXX/<plans_name>)`` loads ``plans.json`` and
 ``fold_<F>/<checkpoint>`` (``{"network_weights": state_dict}``, loaded with
 ``weights_only=True``); ``Predictor.from_model(plan, model)`` wraps a model in memory (the
-trainer's final validation). Folds are ensembled by the mean of their logits.
+trainer's final validation); :func:`suprem_net.inference.bundle.load_bundle` gives the plan and the
+onnxruntime networks of an exported bundle. Folds are ensembled by the mean of their logits, tile by
+tile.
+
+A case streams through: preprocess -> sliding window, which hands on finished slabs of logits along
+the first axis -> revert to the original grid slab by slab (argmax per slab), so the logits of the
+whole case never exist at once (see :mod:`~suprem_net.inference.sliding_window` and
+:mod:`~suprem_net.inference.export`). On a CT, tiles that hold only air are left out
+(``skip_air``; :mod:`suprem_net.preprocessing.body`).
+
+CPU levers (see :mod:`suprem_net.networks.speed`; measured in docs/benchmarks.md): channels-last
+memory with instance norms as group norms and the upsampling as matrix products for the families
+that declare ``channels_last`` and for nnU-Net models (else nnU-Net models get
+:class:`~suprem_net.inference.nnunet_compat.FastInstanceNorm`), freed memory kept for reuse, and on
+request ``torch.compile``.
 """
 from __future__ import annotations
 
@@ -20,14 +34,17 @@ from suprem_net.errors import SupremError
 from suprem_net.inference.export import revert_logits
 from suprem_net.inference.inputs import Case, read_case
 from suprem_net.inference.multilabel import predict_multilabel
+from suprem_net.inference.nnunet_compat import fast_instance_norms
 from suprem_net.inference.postprocessing import keep_largest_component, read_lcc_classes
 from suprem_net.inference.sliding_window import SlidingWindow
 from suprem_net.plan import DEFAULT_MIRROR_AXES, load_plan
 from suprem_net.io.checkpoint import load_checkpoint_file, strip_wrapper_prefixes
 from suprem_net.io.image import Geometry
-from suprem_net.labels import LabelScheme
+from suprem_net.labels import BITMASK, LabelScheme
 from suprem_net.networks import FAMILY_NAMES, build_network, get_family
+from suprem_net.networks.speed import compiled, instance_norms_as_group_norms, keep_freed_memory, upsampling_as_matmuls
 from suprem_net.preprocessing.case import preprocess_case
+from suprem_net.timing import NO_TIMES, StageTimes
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +78,23 @@ def _without_deep_supervision(model: nn.Module) -> nn.Module:
     return model
 
 
+def _channels_last(plan: dict) -> bool:
+    """Whether the plan's network runs channels-last on the CPU (the family says so; nnU-Net models do)."""
+    family = plan["network"]["family"]
+    return get_family(family).channels_last if family in FAMILY_NAMES else True
+
+
+def prepare_for_inference(model: nn.Module, channels_last: bool, compile: bool = False) -> nn.Module:
+    """The CPU levers for ``model`` (in place, parameters shared; returns the model to call)."""
+    if channels_last:
+        instance_norms_as_group_norms(model)
+        upsampling_as_matmuls(model)
+        model.to(memory_format=torch.channels_last_3d)
+    else:
+        fast_instance_norms(model)
+    return compiled(model, "predicting") if compile else model
+
+
 def load_state_dict(path: Path) -> dict:
     """The network weights of one of our fold checkpoints."""
     ckpt = load_checkpoint_file(path)
@@ -69,24 +103,68 @@ def load_state_dict(path: Path) -> dict:
     return strip_wrapper_prefixes(ckpt["network_weights"])
 
 
+def load_model_dir(model_dir: str | Path, folds: Sequence[str | int] = ("0",),
+                   checkpoint: str = "checkpoint_final.pth") -> tuple[dict, list[nn.Module]]:
+    """``(plan, one network per fold in eval mode)`` of a model folder (``plans.json``, ``fold_<F>/<checkpoint>``)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise SupremError(f"{model_dir}: model folder not found")
+    plan = load_plan(model_dir / "plans.json")
+    if not folds:
+        raise SupremError(f"{model_dir}: no folds given")
+    models = []
+    for f in folds:
+        fold_dir = model_dir / f"fold_{f}"
+        if not fold_dir.is_dir():
+            have = sorted(p.name for p in model_dir.glob("fold_*") if p.is_dir())
+            raise SupremError(f"{fold_dir}: fold {f} not found (have: {', '.join(have) or 'none'})")
+        net = build_network(plan["network"], len(plan["channel_names"]), plan["num_classes"])
+        try:
+            net.load_state_dict(load_state_dict(fold_dir / checkpoint))
+        except RuntimeError as e:
+            raise SupremError(f"{fold_dir / checkpoint}: weights do not fit the plan's network "
+                              f"({str(e).splitlines()[0][:150]})") from None
+        models.append(_without_deep_supervision(net).eval())
+    logger.info("model %s: folds %s, %s", model_dir, ", ".join(str(f) for f in folds), checkpoint)
+    return plan, models
+
+
+def lcc_classes(model_dir: Path, plan: dict, lcc: bool | None) -> list[int]:
+    """The classes whose largest component is kept: None = as the folder's ``postprocessing.json`` says."""
+    if lcc is None:
+        return read_lcc_classes(model_dir)
+    return list(range(1, plan["num_classes"])) if lcc else []
+
+
 class Predictor:
     """Sliding-window prediction of whole cases with one or more models (folds)."""
 
     def __init__(self, plan: dict, models: Sequence[nn.Module], *, device: str | torch.device = "auto",
                  tta: bool = True, step_size: float = 0.5, tile_batch_size: int | None = None,
                  precision: str = "auto", lcc_classes: Sequence[int] = (),
-                 preprocess: Callable | None = None) -> None:
+                 preprocess: Callable | None = None, skip_air: bool = True, channels_last: bool | None = None,
+                 compile: bool = False, accumulation: torch.dtype | None = None,
+                 times: StageTimes = NO_TIMES) -> None:
         self.plan = plan
-        # preprocess(images, geometry, plan) -> (data, seg, props); nnU-Net models bring their own
+        # preprocess(images, geometry, plan, times=, body=) -> (data, seg, props); nnU-Net models bring their own
         self.preprocess = preprocess or preprocess_case
         self.device = resolve_device(device)
-        # models are put in eval mode only while predicting (a trainer's model keeps its state)
-        self.models = [m.to(self.device) for m in models]
+        self.times = times
+        self.skip_air = skip_air
         self.lcc_classes = list(lcc_classes)
         if precision == "auto":
             precision = "fp16" if self.device.type == "cuda" else "fp32"
         if precision not in PRECISIONS:
             raise SupremError(f"--precision {precision}: choose one of auto, {', '.join(PRECISIONS)}")
+        exported = any(getattr(m, "exported", False) for m in models)
+        if channels_last is None:
+            channels_last = self.device.type == "cpu" and not exported and _channels_last(plan)
+        if self.device.type == "cpu" and not exported:
+            keep_freed_memory()
+        # models are put in eval mode only while predicting (a trainer's model keeps its state)
+        self.models = [m if exported else m.to(self.device) for m in models]
+        if not exported and (channels_last or compile or plan.get("source") == "nnunetv2"):
+            self.models = [prepare_for_inference(m, channels_last, compile) for m in self.models]
         independent = batch_independent(plan)
         if tile_batch_size is None:
             tile_batch_size = int(plan.get("batch_size", 1)) if independent else 1
@@ -100,79 +178,83 @@ class Predictor:
                                     tile_batch_size=tile_batch_size,
                                     mirror_axes=tuple(plan.get("mirror_axes", DEFAULT_MIRROR_AXES)) if tta else None,
                                     batch_independent=independent, device=self.device,
-                                    autocast_dtype=PRECISIONS[precision])
+                                    autocast_dtype=PRECISIONS[precision], accumulation=accumulation,
+                                    background=None if plan.get("label_encoding") == BITMASK else 0,
+                                    memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format,
+                                    times=times)
 
     # -- construction -------------------------------------------------------------------
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, folds: Sequence[str | int] = ("0",),
-                       checkpoint: str = "checkpoint_final.pth", device: str = "auto", tta: bool = True,
-                       step_size: float = 0.5, tile_batch_size: int | None = None, precision: str = "auto",
-                       lcc: bool | None = None) -> "Predictor":
-        """Load ``plans.json`` and ``fold_<F>/<checkpoint>`` for each fold of ``model_dir``.
+                       checkpoint: str = "checkpoint_final.pth", lcc: bool | None = None, **options) -> "Predictor":
+        """Load ``plans.json`` and ``fold_<F>/<checkpoint>`` for each fold of ``model_dir``; ``options``
+        are those of the constructor.
 
         ``lcc``: None = follow the folder's ``postprocessing.json``; True = LCC on every class;
         False = none.
         """
-        model_dir = Path(model_dir)
-        if not model_dir.is_dir():
-            raise SupremError(f"{model_dir}: model folder not found")
-        plan = load_plan(model_dir / "plans.json")
-        if not folds:
-            raise SupremError(f"{model_dir}: no folds given")
-        models = []
-        for f in folds:
-            fold_dir = model_dir / f"fold_{f}"
-            if not fold_dir.is_dir():
-                have = sorted(p.name for p in model_dir.glob("fold_*") if p.is_dir())
-                raise SupremError(f"{fold_dir}: fold {f} not found (have: {', '.join(have) or 'none'})")
-            net = build_network(plan["network"], len(plan["channel_names"]), plan["num_classes"])
-            try:
-                net.load_state_dict(load_state_dict(fold_dir / checkpoint))
-            except RuntimeError as e:
-                raise SupremError(f"{fold_dir / checkpoint}: weights do not fit the plan's network "
-                                  f"({str(e).splitlines()[0][:150]})") from None
-            models.append(_without_deep_supervision(net).eval())
-        if lcc is None:
-            lcc_classes = read_lcc_classes(model_dir)
-        else:
-            lcc_classes = list(range(1, plan["num_classes"])) if lcc else []
-        logger.info("model %s: folds %s, %s", model_dir, ", ".join(str(f) for f in folds), checkpoint)
-        return cls(plan, models, device=device, tta=tta, step_size=step_size, tile_batch_size=tile_batch_size,
-                   precision=precision, lcc_classes=lcc_classes)
+        plan, models = load_model_dir(model_dir, folds, checkpoint)
+        return cls(plan, models, lcc_classes=lcc_classes(Path(model_dir), plan, lcc), **options)
 
     @classmethod
     def from_model(cls, plan: dict, model: nn.Module, device: str = "auto", tta: bool = False,
                    step_size: float = 0.5, tile_batch_size: int | None = None) -> "Predictor":
-        """Wrap a model already in memory (e.g. at the end of training)."""
-        return cls(plan, [model], device=device, tta=tta, step_size=step_size, tile_batch_size=tile_batch_size)
+        """Wrap a model already in memory (e.g. at the end of training); the model is left as it is
+        (no CPU levers applied to it), and every tile is computed."""
+        return cls(plan, [model], device=device, tta=tta, step_size=step_size, tile_batch_size=tile_batch_size,
+                   channels_last=False, skip_air=False)
 
     # -- prediction ---------------------------------------------------------------------
     @property
     def class_names(self) -> dict[int, str]:
         return {int(v): k for k, v in self.plan["labels"].items()}
 
-    def _logits(self, data: np.ndarray) -> torch.Tensor:
-        """Mean logits over the folds, on the accumulation device (see sliding_window)."""
+    def _eval(self) -> list[bool]:
         was_training = [m.training for m in self.models]
-        total = None
+        for m in self.models:
+            m.eval()
+        return was_training
+
+    def _restore(self, was_training: list[bool]) -> None:
+        for m, t in zip(self.models, was_training):
+            m.train(t)
+
+    def _keep_tile(self, data: np.ndarray, props: dict | None):
+        """Which tiles to compute: those that may hold body, when the case has a body mask."""
+        body = props.get("body") if props and self.skip_air else None
+        if body is None:
+            return None
+        grid = tuple(data.shape[1:])
+        return lambda start, size: body.tile_has_body(start, size, grid)
+
+    def logit_slabs(self, data: np.ndarray, props: dict | None = None):
+        """The logits of a preprocessed case ``data`` (C, Z, Y, X) slab by slab along the first axis
+        (see :meth:`SlidingWindow.slabs`): the mean over the folds, tiles without body left out."""
+        was_training = self._eval()
         try:
-            for m in self.models:
-                m.eval()
-                out = self.window(m, data)
-                if total is None:
-                    total = out
-                else:
-                    total += out.to(total.device, total.dtype)
+            yield from self.window.slabs(self.models, data, self._keep_tile(data, props))
         finally:
-            for m, t in zip(self.models, was_training):
-                m.train(t)
-        if len(self.models) > 1:
-            total /= len(self.models)
-        return total
+            self._restore(was_training)
+        if props is not None and self.window.tiles_run < self.window.tiles_total:
+            logger.info("%d of %d tiles held only air and were left out", self.window.tiles_total -
+                        self.window.tiles_run, self.window.tiles_total)
+
+    def _logits(self, data: np.ndarray, props: dict | None = None) -> torch.Tensor:
+        """Mean logits over the folds, the whole volume, on the accumulation device (see sliding_window)."""
+        was_training = self._eval()
+        try:
+            return self.window(self.models, data, keep_tile=self._keep_tile(data, props))
+        finally:
+            self._restore(was_training)
 
     def predict_logits(self, data: np.ndarray) -> torch.Tensor:
         """Logits (K, Z, Y, X) float32 on the CPU for a preprocessed case ``data`` (C, Z, Y, X)."""
         return self._logits(data).float().cpu()
+
+    def preprocessed(self, images: list[np.ndarray], geometry: Geometry) -> tuple[np.ndarray, dict]:
+        """``(data, props)`` of a case, with the body mask when tiles of air may be left out."""
+        data, _, props = self.preprocess(images, geometry, self.plan, times=self.times, body=self.skip_air)
+        return data, props
 
     def predict_case(self, images: list[np.ndarray], geometry: Geometry,
                      probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
@@ -187,17 +269,19 @@ class Predictor:
             images = [np.transpose(im, fwd) for im in images]
             geometry = Geometry(tuple(geometry.shape[a] for a in fwd), tuple(geometry.spacing[a] for a in fwd),
                                 geometry.origin, geometry.direction)
-        data, _, props = self.preprocess(images, geometry, self.plan)
-        logits = self._logits(data)
+        data, props = self.preprocessed(images, geometry)
+        labels, probs = revert_logits(self.logit_slabs(data, props), props, probabilities=probabilities,
+                                      times=self.times)
         del data
-        labels, probs = revert_logits(logits, props, probabilities=probabilities)
-        del logits
-        if transposed:
-            back = self.plan["transpose_backward"]
-            labels = np.ascontiguousarray(np.transpose(labels, back))
-            probs = np.ascontiguousarray(np.transpose(probs, [0] + [a + 1 for a in back])) if probs is not None else None
+        with self.times("revert"):
+            if transposed:
+                back = self.plan["transpose_backward"]
+                labels = np.ascontiguousarray(np.transpose(labels, back))
+                probs = np.ascontiguousarray(np.transpose(probs, [0] + [a + 1 for a in back])) \
+                    if probs is not None else None
         if self.lcc_classes:
-            keep_largest_component(labels, self.lcc_classes)
+            with self.times("postprocess"):
+                keep_largest_component(labels, self.lcc_classes)
         return labels, probs
 
     def predict_files(self, image_paths: Sequence[str | Path]) -> tuple[np.ndarray, Geometry]:

@@ -1,11 +1,19 @@
-"""Sliding-window inference as nnU-Net v2 does it, in torch.
+"""Sliding-window inference as nnU-Net v2 does it, in torch, streamed along the first axis.
 
 * Tiles: along each axis ``n = ceil((size - patch) / (patch * step)) + 1`` positions, evenly
   spread between 0 and ``size - patch`` (rounded); the image is first zero-padded (centred) to
   at least the patch size and the padding is cut off again at the end.
 * Every tile's logits are weighted by a Gaussian importance map (sigma = patch / 8, centred on
   ``patch // 2``, minimum clamped to the smallest positive value so no voxel gets weight 0) and
-  accumulated; the result is divided by the accumulated weights.
+  accumulated; the result is divided by the accumulated weights. Folds are averaged tile by tile
+  (the mean of their logits, as the mean of whole-volume results would be: the steps are linear).
+* Streaming: tiles run in the order of their position along the first axis, so once the tiles of
+  a row have started at plane ``s``, every plane below ``s`` is final. :meth:`SlidingWindow.slabs`
+  hands those planes on (divided by their weights) and keeps only a buffer of
+  K x (patch + one row's spread) x Y x X sums, never the logits of the whole volume.
+* Tiles may be left out (``keep_tile``, e.g. tiles that hold only air, see
+  :mod:`suprem_net.inference.body`): a voxel that no computed tile covers gets the ``background``
+  channel (logit 0, every other channel -1e4; all channels -1e4 for multi-label models).
 * Test-time augmentation: mirroring over any subset of the three spatial axes (8 forwards with
   all three); the flipped copies of a tile batch go through the network in the same forward
   (halved on out-of-memory), and are averaged before the Gaussian weighting.
@@ -14,8 +22,9 @@
 * Accumulation: on CUDA/MPS in float16 (as nnU-Net: 10 mantissa bits, so logits keep ~3
   significant digits, far finer than any argmax tie that matters; the range is ample since
   the Gaussian weights are <= 1 and at most a handful of tiles overlap; bfloat16 would only
-  keep ~2 digits). On CPU in float32, or float16 if the buffer would not fit comfortably in RAM.
-  If the device runs out of memory for the buffers, accumulation moves to the CPU.
+  keep ~2 digits). On CPU in float32, or float16 if the buffer would not fit comfortably in RAM;
+  ``accumulation_dtype`` overrides the choice. If the device runs out of memory for the buffer,
+  accumulation moves to the CPU.
 """
 from __future__ import annotations
 
@@ -23,11 +32,13 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
+
+from suprem_net.timing import NO_TIMES, StageTimes
 
 logger = logging.getLogger(__name__)
 
@@ -85,13 +96,49 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
+EMPTY_LOGIT = -1e4  # what a channel other than the background gets where no tile ran (fits float16)
+
+
+class _Sums:
+    """Gaussian-weighted logit sums and weight sums of the padded planes [base, base + depth) along
+    the first axis; planes below ``base`` have been handed on, planes beyond are untouched zeros."""
+
+    def __init__(self, k: int, depth: int, plane: Sequence[int], dtype: torch.dtype, device: torch.device) -> None:
+        self.base, self.depth = 0, depth
+        self.logits = torch.zeros((k, depth, *plane), dtype=dtype, device=device)
+        self.weights = torch.zeros((depth, *plane), dtype=torch.float32, device=device)
+
+    def add(self, start: Sequence[int], logits: torch.Tensor, gauss: torch.Tensor) -> None:
+        z = start[0] - self.base
+        sl = (slice(z, z + logits.shape[1]),) + tuple(slice(s, s + p) for s, p in zip(start[1:], logits.shape[2:]))
+        self.logits[(slice(None),) + sl] += logits.to(self.logits.dtype)
+        self.weights[sl] += gauss
+
+    def release(self, upto: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """``(first plane, logit sums, weight sums)`` of the planes [base, min(upto, base + depth)),
+        which no later tile touches; the buffer moves on past them."""
+        n = min(upto - self.base, self.depth)
+        first = self.base
+        logits, weights = self.logits[:, :n].clone(), self.weights[:n].clone()
+        if n:
+            rest = self.depth - n
+            self.logits[:, :rest] = self.logits[:, n:].clone()
+            self.weights[:rest] = self.weights[n:].clone()
+            self.logits[:, rest:] = 0
+            self.weights[rest:] = 0
+        self.base += n  # the buffer's zeros now stand for the next planes, untouched so far
+        return first, logits, weights
+
+
 class SlidingWindow:
-    """Run ``net`` over a preprocessed case tile by tile and return the merged logits."""
+    """Run one network (or the folds' networks) over a preprocessed case tile by tile."""
 
     def __init__(self, patch_size: Sequence[int], num_classes: int, *, step_size: float = 0.5,
                  tile_batch_size: int = 1, mirror_axes: Sequence[int] | None = (0, 1, 2),
                  batch_independent: bool = True, device: torch.device | str = "cpu",
-                 autocast_dtype: torch.dtype | None = None) -> None:
+                 autocast_dtype: torch.dtype | None = None, accumulation: torch.dtype | None = None,
+                 background: int | None = 0, memory_format: torch.memory_format = torch.contiguous_format,
+                 times: StageTimes = NO_TIMES) -> None:
         self.patch_size = [int(p) for p in patch_size]
         self.num_classes = int(num_classes)
         self.step_size = float(step_size)
@@ -100,17 +147,29 @@ class SlidingWindow:
         self.mirrors = mirror_combinations(mirror_axes)
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
+        self.accumulation = accumulation
+        self.memory_format = memory_format
+        self.times = times
         self._gauss = gaussian_weights(self.patch_size, device=self.device)
+        fill = torch.full((self.num_classes,), EMPTY_LOGIT)
+        if background is not None:
+            fill[background] = 0.0
+        self._fill = fill
+        self.tiles_run = self.tiles_total = self.buffer_planes = 0  # of the last call
 
     # -- forward ------------------------------------------------------------------------
     def _net(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Forward a batch, halving it on out-of-memory (only for batch-independent nets)."""
         try:
-            if self.autocast_dtype is not None:
-                with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-                    out = net(x)
-            else:
-                out = net(x)
+            with self.times("network"):
+                if self.autocast_dtype is not None:
+                    with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                        out = net(x.contiguous(memory_format=self.memory_format))
+                else:
+                    out = net(x.contiguous(memory_format=self.memory_format))
+                if isinstance(out, (list, tuple)):  # deep supervision: full resolution comes first
+                    out = out[0]
+                return out.float()
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not _is_oom(e) or x.shape[0] == 1 or not self.batch_independent:
                 raise
@@ -119,21 +178,20 @@ class SlidingWindow:
             half = x.shape[0] // 2
             logger.debug("out of memory on a batch of %d tiles; splitting", x.shape[0])
             return torch.cat([self._net(net, x[:half]), self._net(net, x[half:])])
-        if isinstance(out, (list, tuple)):  # deep supervision: full resolution comes first
-            out = out[0]
-        return out.float()
 
     def _predict_tiles(self, net: nn.Module, tiles: torch.Tensor) -> torch.Tensor:
         """Mean logits over the mirror set for a batch of tiles (B, C, *patch)."""
         b = tiles.shape[0]
         if self.batch_independent:
-            batch = torch.cat([torch.flip(tiles, [2 + a for a in m]) if m else tiles for m in self.mirrors])
+            with self.times("tiles"):
+                batch = torch.cat([torch.flip(tiles, [2 + a for a in m]) if m else tiles for m in self.mirrors])
             out = self._net(net, batch)
-            acc = None
-            for i, m in enumerate(self.mirrors):
-                part = out[i * b:(i + 1) * b]
-                part = torch.flip(part, [2 + a for a in m]) if m else part
-                acc = part if acc is None else acc + part
+            with self.times("tiles"):
+                acc = None
+                for i, m in enumerate(self.mirrors):
+                    part = out[i * b:(i + 1) * b]
+                    part = torch.flip(part, [2 + a for a in m]) if m else part
+                    acc = part if acc is None else acc + part
         else:
             acc = None
             for m in self.mirrors:
@@ -145,7 +203,14 @@ class SlidingWindow:
                     parts.append(torch.flip(o, [2 + a for a in m]) if m else o)
                 part = torch.cat(parts)
                 acc = part if acc is None else acc + part
-        return acc / len(self.mirrors)
+        return acc / len(self.mirrors) if len(self.mirrors) > 1 else acc
+
+    def _forward(self, nets: Sequence[nn.Module], tiles: torch.Tensor) -> torch.Tensor:
+        total = None
+        for net in nets:
+            out = self._predict_tiles(net, tiles)
+            total = out if total is None else total + out
+        return total / len(nets) if len(nets) > 1 else total
 
     # -- the window ---------------------------------------------------------------------
     def _pad(self, data: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
@@ -161,35 +226,62 @@ class SlidingWindow:
             data = torch.nn.functional.pad(data, flat, value=0.0)
         return data, tuple(keep)
 
-    @torch.inference_mode()
-    def __call__(self, net: nn.Module, data: torch.Tensor | np.ndarray,
-                 accumulate_on: torch.device | str | None = None) -> torch.Tensor:
-        """Logits (K, Z, Y, X) for ``data`` (C, Z, Y, X); float32 on CPU, else the accumulation dtype.
+    def _batches(self, shape: Sequence[int], keep: tuple[slice, ...], keep_tile) -> list[list[tuple[int, ...]]]:
+        starts = list(itertools.product(*compute_steps(shape, self.patch_size, self.step_size)))
+        self.tiles_total = len(starts)
+        if keep_tile is not None:
+            offset = [k.start for k in keep]
+            starts = [s for s in starts if keep_tile([a - o for a, o in zip(s, offset)], self.patch_size)]
+        self.tiles_run = len(starts)
+        logger.debug("sliding window: %d of %d tiles of %s over %s, %d mirrors", len(starts), self.tiles_total,
+                     self.patch_size, list(shape), len(self.mirrors))
+        return [starts[i:i + self.tile_batch_size] for i in range(0, len(starts), self.tile_batch_size)]
 
-        ``accumulate_on`` forces where the logit sum lives (default: the compute device, with
-        a fallback to the CPU when the device runs out of memory).
-        """
+    def _finish(self, first: int, logits: torch.Tensor, weights: torch.Tensor,
+                keep: tuple[slice, ...]) -> tuple[int, torch.Tensor] | None:
+        """The planes [first, first + n) divided by their weights, cut to the unpadded grid."""
+        lo, hi = max(first, keep[0].start), min(first + logits.shape[1], keep[0].stop)
+        if hi <= lo:
+            return None
+        z = slice(lo - first, hi - first)
+        logits, weights = logits[:, z, keep[1], keep[2]], weights[z, keep[1], keep[2]]
+        out = logits.float() / weights.clamp_min(torch.finfo(torch.float32).tiny)
+        empty = weights == 0
+        if bool(empty.any()):
+            out = torch.where(empty, self._fill.to(out.device).view(-1, 1, 1, 1), out)
+        return lo - keep[0].start, out
+
+    def _sums(self, shape: Sequence[int], depth: int, acc_dev: torch.device) -> _Sums:
+        numel = self.num_classes * depth * int(np.prod(shape[1:]))
+        dtype = self.accumulation or accumulation_dtype(acc_dev, numel)
+        return _Sums(self.num_classes, depth, shape[1:], dtype, acc_dev)
+
+    @torch.inference_mode()
+    def slabs(self, nets: nn.Module | Sequence[nn.Module], data: torch.Tensor | np.ndarray,
+              keep_tile: Callable[[Sequence[int], Sequence[int]], bool] | None = None,
+              accumulate_on: torch.device | str | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(first plane, logits (K, n, Y, X) float32)`` for ``data`` (C, Z, Y, X), in order
+        along the first axis, each plane once and final: the mean over ``nets`` (the folds) of the
+        Gaussian-weighted tile logits. ``keep_tile(start, size)`` (unpadded voxel coordinates) may
+        leave tiles out. ``accumulate_on`` forces where the sums live (default: the compute device,
+        the CPU if the device has no room for them)."""
+        nets = list(nets) if isinstance(nets, (list, tuple)) else [nets]
         if isinstance(data, np.ndarray):
             data = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
         data, keep = self._pad(data.float())
-        if accumulate_on is None:
-            try:
-                return self._run(net, data, keep, self.device)
-            except (torch.OutOfMemoryError, RuntimeError) as e:
-                if not _is_oom(e) or self.device.type == "cpu":
-                    raise
-                logger.warning("out of memory on %s; accumulating the logits on the CPU instead", self.device)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                accumulate_on = "cpu"
-        return self._run(net, data, keep, torch.device(accumulate_on))
-
-    def _run(self, net: nn.Module, data: torch.Tensor, keep: tuple[slice, ...], acc_dev: torch.device) -> torch.Tensor:
         shape = tuple(data.shape[1:])
-        numel = self.num_classes * int(np.prod(shape))
-        acc_dtype = accumulation_dtype(acc_dev, numel)
-        logits = torch.zeros((self.num_classes, *shape), dtype=acc_dtype, device=acc_dev)
-        weights = torch.zeros(shape, dtype=torch.float32, device=acc_dev)
+        batches = self._batches(shape, keep, keep_tile)
+        depth = min(shape[0], self.patch_size[0] + max((b[-1][0] - b[0][0] for b in batches), default=0))
+        self.buffer_planes = depth
+        acc_dev = torch.device(accumulate_on) if accumulate_on is not None else self.device
+        try:
+            sums = self._sums(shape, depth, acc_dev)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not _is_oom(e) or acc_dev.type == "cpu":
+                raise
+            logger.warning("out of memory on %s; accumulating the logits on the CPU instead", acc_dev)
+            acc_dev = torch.device("cpu")
+            sums = self._sums(shape, depth, acc_dev)
         gauss_acc = self._gauss.to(acc_dev)
         # the image stays on the compute device if it fits, else tiles are moved one by one
         try:
@@ -198,24 +290,36 @@ class SlidingWindow:
             if not _is_oom(e):
                 raise
             src = data
-        steps = compute_steps(shape, self.patch_size, self.step_size)
-        starts = list(itertools.product(*steps))
-        logger.debug("sliding window: %d tiles of %s over %s, %d mirrors", len(starts), self.patch_size,
-                     list(shape), len(self.mirrors))
-        for i in range(0, len(starts), self.tile_batch_size):
-            chunk = starts[i:i + self.tile_batch_size]
-            sls = [tuple(slice(s, s + p) for s, p in zip(st, self.patch_size)) for st in chunk]
-            tiles = torch.stack([src[(slice(None),) + sl] for sl in sls]).to(self.device)
-            out = self._predict_tiles(net, tiles) * self._gauss
-            out = out.to(acc_dev)
-            for j, sl in enumerate(sls):
-                logits[(slice(None),) + sl] += out[j].to(acc_dtype)
-                weights[sl] += gauss_acc
-        logits = logits[(slice(None),) + keep]
-        weights = weights[keep]
-        if acc_dtype == torch.float32:
-            logits /= weights
-        else:  # divide slab by slab to avoid a float32 copy of the whole buffer
-            for z in range(logits.shape[1]):
-                logits[:, z] = (logits[:, z].float() / weights[z]).to(acc_dtype)
-        return logits
+        for batch in batches:
+            yield from self._release(sums, batch[0][0], keep)
+            with self.times("tiles"):
+                tiles = torch.stack([src[(slice(None),) + tuple(slice(s, s + p) for s, p in zip(st, self.patch_size))]
+                                     for st in batch]).to(self.device)
+            out = self._forward(nets, tiles)
+            with self.times("accumulation"):
+                out = (out * self._gauss).to(acc_dev)
+                for j, st in enumerate(batch):
+                    sums.add(st, out[j], gauss_acc)
+        yield from self._release(sums, shape[0], keep)
+
+    def _release(self, sums: _Sums, upto: int, keep: tuple[slice, ...]) -> Iterator[tuple[int, torch.Tensor]]:
+        while sums.base < upto:
+            with self.times("accumulation"):
+                first, logits, weights = sums.release(upto)
+                done = self._finish(first, logits, weights, keep)
+            if done is not None:
+                yield done
+
+    @torch.inference_mode()
+    def __call__(self, nets: nn.Module | Sequence[nn.Module], data: torch.Tensor | np.ndarray,
+                 accumulate_on: torch.device | str | None = None,
+                 keep_tile: Callable[[Sequence[int], Sequence[int]], bool] | None = None) -> torch.Tensor:
+        """Logits (K, Z, Y, X) for ``data`` (C, Z, Y, X), the whole volume at once: float32 on the CPU,
+        else the accumulation dtype (see :meth:`slabs`)."""
+        full = None
+        for first, part in self.slabs(nets, data, keep_tile, accumulate_on):
+            if full is None:
+                dtype = torch.float32 if part.device.type == "cpu" else (self.accumulation or torch.float16)
+                full = torch.empty((self.num_classes, *data.shape[1:]), dtype=dtype, device=part.device)
+            full[:, first:first + part.shape[1]] = part.to(full.dtype)
+        return full

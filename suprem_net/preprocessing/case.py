@@ -11,8 +11,10 @@ import numpy as np
 from suprem_net.io.image import Geometry
 from suprem_net.labels import LabelScheme
 from suprem_net.preprocessing import orientation as ori
+from suprem_net.preprocessing.body import BodyMask, is_ct
 from suprem_net.preprocessing.normalization import normalize
 from suprem_net.preprocessing.resampling import resample_bitmask, resample_image, resample_labels, separate_z_axis
+from suprem_net.timing import NO_TIMES, StageTimes
 
 
 def nonzero_bbox(data: np.ndarray) -> list[list[int]]:
@@ -30,29 +32,56 @@ def resampled_shape(shape, spacing, target_spacing) -> list[int]:
     return [max(1, int(round(s * sp / t))) for s, sp, t in zip(shape, spacing, target_spacing)]
 
 
-def preprocess_case(images: list[np.ndarray], geometry: Geometry, plan: dict, seg: np.ndarray | None = None):
-    """Return ``(data (C,Z,Y,X) float32, seg (Z,Y,X) or None, properties)`` for one case."""
-    data = np.stack([np.asarray(im, dtype=np.float32) for im in images])
-    spacing = list(geometry.spacing)
-    transform = ori.orientation_transform(geometry.direction, plan.get("orientation"), ori.network_axes(plan))
-    if transform is not None:
-        data = ori.reorient(data, transform)
-        seg = ori.reorient(seg, transform) if seg is not None else None
-        spacing = ori.reorient_spacing(spacing, transform)
-    oriented_shape = list(data.shape[1:])
-    bbox = nonzero_bbox(data)
-    sl = tuple(slice(lo, hi) for lo, hi in bbox)
-    data = data[(slice(None),) + sl]
-    seg = seg[sl] if seg is not None else None
-    data = np.stack([normalize(data[c], plan["normalization"][c]) for c in range(data.shape[0])])
-    target = plan["target_spacing"]
-    new_shape = resampled_shape(data.shape[1:], spacing, target)
-    z_axis = separate_z_axis(spacing, target, plan["resampling"]["anisotropy_threshold"])
-    data = resample_image(data, new_shape, z_axis)
-    if seg is not None and LabelScheme.of(plan).multi_label:
-        seg = resample_bitmask(seg, new_shape, z_axis, plan["num_classes"])
-    elif seg is not None:
-        seg = resample_labels(np.ascontiguousarray(seg), new_shape, z_axis, plan["num_classes"])
+def _channels(images: list[np.ndarray]) -> np.ndarray:
+    """(C, Z, Y, X) in the images' own dtype: a view of a single channel, else one stacked copy."""
+    if len(images) == 1:
+        return np.asarray(images[0])[None]
+    return np.stack([np.asarray(im) for im in images])
+
+
+def _normalised(data: np.ndarray, schemes: list[dict]) -> np.ndarray:
+    if data.shape[0] == 1:
+        return normalize(data[0], schemes[0])[None]
+    out = np.empty(data.shape, dtype=np.float32)
+    for c in range(data.shape[0]):
+        out[c] = normalize(data[c], schemes[c])
+    return out
+
+
+def preprocess_case(images: list[np.ndarray], geometry: Geometry, plan: dict, seg: np.ndarray | None = None, *,
+                    times: StageTimes = NO_TIMES, body: bool = False):
+    """Return ``(data (C,Z,Y,X) float32, seg (Z,Y,X) or None, properties)`` for one case.
+
+    ``images`` may have any numeric dtype and are never changed; reorientation and the crop are views,
+    so the one full-size copy before resampling is the normalised image. ``body``: also put the
+    :class:`~suprem_net.preprocessing.body.BodyMask` of the first channel into ``properties["body"]``
+    (for CT plans; ``None`` otherwise). ``times`` receives the stages reorient, crop, normalise, resample."""
+    with times("reorient"):
+        data = _channels(images)
+        spacing = list(geometry.spacing)
+        transform = ori.orientation_transform(geometry.direction, plan.get("orientation"), ori.network_axes(plan))
+        if transform is not None:
+            data = ori.reorient(data, transform)
+            seg = ori.reorient(seg, transform) if seg is not None else None
+            spacing = ori.reorient_spacing(spacing, transform)
+        oriented_shape = list(data.shape[1:])
+    with times("crop"):
+        bbox = nonzero_bbox(data)
+        sl = tuple(slice(lo, hi) for lo, hi in bbox)
+        data = data[(slice(None),) + sl]
+        seg = seg[sl] if seg is not None else None
+        mask = BodyMask.of(images[0], transform, bbox) if body and is_ct(plan["normalization"]) else None
+    with times("normalise"):
+        data = _normalised(data, plan["normalization"])
+    with times("resample"):
+        target = plan["target_spacing"]
+        new_shape = resampled_shape(data.shape[1:], spacing, target)
+        z_axis = separate_z_axis(spacing, target, plan["resampling"]["anisotropy_threshold"])
+        data = resample_image(data, new_shape, z_axis)
+        if seg is not None and LabelScheme.of(plan).multi_label:
+            seg = resample_bitmask(seg, new_shape, z_axis, plan["num_classes"])
+        elif seg is not None:
+            seg = resample_labels(np.ascontiguousarray(seg), new_shape, z_axis, plan["num_classes"])
     props = {
         "geometry": geometry.to_dict(),
         "orientation": transform,  # orientation and axis order in one permutation with flips
@@ -64,6 +93,8 @@ def preprocess_case(images: list[np.ndarray], geometry: Geometry, plan: dict, se
         "shape_after_resample": new_shape,
         "separate_z_axis": z_axis,
     }
+    if body:
+        props["body"] = mask
     return data, seg, props
 
 

@@ -12,17 +12,31 @@ import numpy as np
 
 
 def normalize(channel: np.ndarray, scheme: dict) -> np.ndarray:
-    x = channel.astype(np.float32, copy=False)
+    """The normalised channel as a new C-ordered float32 array (``channel`` is never changed; any
+    dtype). The arithmetic runs in place on that one copy, in the same order and precision as the
+    expressions in the module docstring, so the results are those of the plain expressions."""
     kind = scheme["scheme"]
     if kind == "ct":
         lo, hi = scheme["clip"]
-        x = np.clip(x, lo, hi)
-        return ((x - scheme["mean"]) / max(scheme["std"], 1e-8)).astype(np.float32)
+        x = np.array(channel, dtype=np.float32, order="C")
+        np.clip(x, lo, hi, out=x)
+        x -= scheme["mean"]
+        x /= max(scheme["std"], 1e-8)
+        return x
     if kind == "window":
         lo, hi = scheme["window"]
         a, b = scheme.get("range", [0.0, 1.0])
-        x = np.clip(x, lo, hi)
-        return ((x - lo) / (hi - lo) * (b - a) + a).astype(np.float32)
+        x = np.array(channel, dtype=np.float32, order="C")
+        np.clip(x, lo, hi, out=x)
+        x -= lo
+        x /= hi - lo
+        x *= b - a
+        x += a
+        return x
     if kind == "zscore":
-        return ((x - x.mean()) / max(float(x.std()), 1e-8)).astype(np.float32)
+        x = np.array(channel, dtype=np.float32, order="C")
+        mean, std = x.mean(), max(float(x.std()), 1e-8)
+        x -= mean
+        x /= std
+        return x
     raise ValueError(f"unknown normalisation scheme {kind!r}")

@@ -35,7 +35,7 @@ from suprem_net.errors import SupremError
 from suprem_net.io.atomic import read_json, write_json
 from suprem_net.labels import PACK_BITS
 from suprem_net.losses import build_loss
-from suprem_net.networks import build_network
+from suprem_net.networks import build_network, speed
 from suprem_net.planning.speed import StepSpec, expected_training_seconds
 from suprem_net.training import acceleration as acc
 from suprem_net.training.schedules import make_optimizer
@@ -120,7 +120,7 @@ class _Bench:
 
     def _enter_levers(self) -> None:
         if self.device.type == "cpu":
-            acc.set_freed_memory_kept(bool(self.levers.get("keep_freed_memory")))
+            speed.set_freed_memory_kept(bool(self.levers.get("keep_freed_memory")))
             if torch.get_num_threads() != self.threads:
                 torch.set_num_threads(self.threads)
 
@@ -283,12 +283,12 @@ class CompileTrial:
 @contextlib.contextmanager
 def _restoring_process_state():
     """Timing switches threads and glibc's thresholds per step; put both back afterwards."""
-    threads, kept = torch.get_num_threads(), acc.freed_memory_is_kept()
+    threads, kept = torch.get_num_threads(), speed.freed_memory_is_kept()
     try:
         yield
     finally:
         torch.set_num_threads(threads)
-        acc.set_freed_memory_kept(kept)
+        speed.set_freed_memory_kept(kept)
 
 
 def _model_lever_settings(family: str, device: torch.device) -> dict[str, dict]:

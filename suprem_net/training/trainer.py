@@ -32,7 +32,8 @@ from suprem_net.planning.speed import StepSpec, expected_training_seconds, forma
 from suprem_net.presets import presets_for_family
 from suprem_net.preprocessing.orientation import network_axes
 from suprem_net.training import checkpoint as ck
-from suprem_net.training.acceleration import compiled, is_compile_failure, prepare_for_training
+from suprem_net.networks.speed import compiled, is_compile_failure
+from suprem_net.training.acceleration import prepare_for_training
 from suprem_net.training.budget import WallClock, schedule_for_budget
 from suprem_net.training.calibration import (COMPILE_ROUNDS, COMPILE_TRIAL_MIN_S, CompileTrial, MeasuredSpeed,
                                              compile_pays)

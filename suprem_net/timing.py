@@ -1,0 +1,50 @@
+"""Wall time per named stage, for ``suprem_predict --profile`` and the benchmarks.
+
+    times = StageTimes()
+    with times("resample"):
+        ...
+    times.seconds  # {"resample": 1.23, ...} in the order the stages first ran
+
+A stage entered several times (a tile batch, a slab) adds up. ``NO_TIMES`` measures nothing and
+costs next to nothing, so code can always write ``with times("x")``. On the CPU every torch
+operation has finished when it returns, so the times are the stages' own; on a GPU they include
+waiting for queued kernels only where a result is read back.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager, nullcontext
+from typing import Iterator
+
+
+class StageTimes:
+    """Seconds per stage, added up over every entry."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    def merge(self, other: "StageTimes") -> None:
+        for stage, s in other.seconds.items():
+            self.add(stage, s)
+
+
+class _NoTimes(StageTimes):
+    def __call__(self, stage: str):  # type: ignore[override]
+        return nullcontext()
+
+    def add(self, stage: str, seconds: float) -> None:
+        pass
+
+
+NO_TIMES: StageTimes = _NoTimes()
