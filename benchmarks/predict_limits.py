@@ -367,6 +367,95 @@ def _ours_one(case_dir: Path, model: Path, nnunet: bool, sample: int, base: bool
     return r
 
 
+# ------------------------------------------------------------------------------------------ report
+def _row(*cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def render(parts: dict) -> str:
+    """The parts measured so far as markdown (a part not run yet is named as missing)."""
+    out, m = [], parts.get("machine")
+    peak = m["conv_peak"] if m else None
+    if m:
+        out += [f"Machine: {m['cpu']}, {m['cores']} cores, {'/'.join(m['isa'])} (PyTorch uses "
+                f"{m['torch_cpu_capability']}), torch {m['torch']}, onnxruntime {m['onnxruntime']}. Measured fp32 "
+                f"peaks: 3x3x3 convolutions {peak:.0f} GFLOP/s (the best of the SuPreM U-Net's layer shapes, "
+                f"channels-last), 2048^2 matrix product {m['matmul_2048']:.0f} GFLOP/s.", ""]
+    prof = parts.get("profile")
+    if prof:
+        names = {"nnunet_ct300": "nnU-Net model", "suprem_unet_ct300": "SuPreM U-Net, 96^3 tiles"}
+        stages = list(next(iter(prof.values()))["stages"]) if isinstance(next(iter(prof.values())), dict) else []
+        stages = [s for s in stages if s in prof["nnunet_ct300"]["stages"]]
+        out += ["Where the time goes (ct300, 512 x 512 x 300 int16, no TTA, seconds; the SuPreM U-Net's "
+                "network time is its mean real forward times the forwards):", "",
+                _row("stage", *(names[k] for k in names)), _row("---", *(["---:"] * len(names)))]
+        for s in stages:
+            cells = []
+            for k in names:
+                st = prof[k]["stages"]
+                cells.append(f"{st.get(s, 0):.2f} ({100 * st.get(s, 0) / sum(st.values()):.0f} %)")
+            out.append(_row(s, *cells))
+        out.append(_row("**total**", *(f"**{sum(prof[k]['stages'].values()):.1f}**" for k in names)))
+        out.append(_row("tiles run / all", *(f"{prof[k]['tiles_run']} / {prof[k]['tiles_total']}" for k in names)))
+        out.append("")
+    lv = parts.get("levers-nnunet")
+    if lv:
+        out += [f"Levers, nnU-Net model on ct300 ({lv['gflop_per_tile']:.1f} GFLOP per tile), whole case:", "",
+                _row("setting", "wall s", "network s", "network GFLOP/s", "of conv peak", "tiles run",
+                     "voxels as baseline", "lowest DSC vs baseline"),
+                _row("---", "---:", "---:", "---:", "---:", "---:", "---:", "---:")]
+        for name, r in lv["settings"].items():
+            share = f"{100 * r['network_gflops'] / peak:.0f} %" if peak else ""
+            out.append(_row(name, f"{r['wall_s']:.1f}", f"{r['stages']['network']:.1f}",
+                            f"{r['network_gflops']:.0f}", share, f"{r['tiles_run']}/{r['tiles_total']}",
+                            f"{r['voxel_agreement']:.5f}", f"{min(r['dice_vs_baseline'].values()):.4f}"))
+        out.append("")
+    ls = parts.get("levers-suprem")
+    if ls:
+        out += [f"Levers, SuPreM U-Net, one 96^3 tile ({ls['gflop_per_tile']:.0f} GFLOP):", "",
+                _row("setting", "s per tile", "GFLOP/s", "of conv peak", "first call s"),
+                _row("---", "---:", "---:", "---:", "---:")]
+        for name, r in ls["settings"].items():
+            share = f"{100 * r['gflops'] / peak:.0f} %" if peak else ""
+            out.append(_row(name, f"{r['s_per_tile']:.2f}", f"{r['gflops']:.0f}", share, f"{r['first_s']:.1f}"))
+        out.append("")
+    goals = parts.get("goals")
+    if goals:
+        out += ["Side by side (one run, alternating; TTA off; peak RSS of the process tree):", ""]
+        for label, rows in goals.items():
+            ref, dflt = rows["nnU-Net -npp 1 -nps 1"], rows["nnU-Net defaults"]
+            out += [f"{label}:", "", _row("tool", "wall s", "vs nnU-Net -npp 1 -nps 1", "vs nnU-Net defaults",
+                                          "peak RSS MiB", "RSS vs nnU-Net -npp 1", "voxel agreement with nnU-Net"),
+                    _row("---", "---:", "---:", "---:", "---:", "---:", "---:")]
+            for name, r in rows.items():
+                agree = f"{r['voxel_agreement']:.5f}" if "voxel_agreement" in r else ""
+                out.append(_row(name, f"{r['wall_s']:.1f}", f"{r['wall_s'] / ref['wall_s']:.2f}x",
+                                f"{r['wall_s'] / dflt['wall_s']:.2f}x", f"{r['peak_rss_mib']:.0f}",
+                                f"{r['peak_rss_mib'] / ref['peak_rss_mib']:.2f}x", agree))
+            out.append("")
+    mem = parts.get("memory")
+    if mem:
+        out += ["Memory, ct500 (512 x 512 x 500 int16, 7 classes), one process:", "",
+                _row("run", "wall s", "peak RSS MiB"), _row("---", "---:", "---:")]
+        out += [_row(k, f"{r['wall_s']:.1f}", f"{r['peak_rss_mib']:.0f}") for k, r in mem.items()]
+        out.append("")
+    missing = [k for k in PARTS if not parts.get(k)]
+    if missing:
+        out.append(f"Not measured in this run: {', '.join(missing)}.")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def write_report(parts: dict) -> None:
+    """Replace the text between the markers in docs/benchmarks.md by :func:`render`'s."""
+    text = DOC.read_text()
+    if MARK_BEGIN not in text:
+        text = text.rstrip() + f"\n\n{MARK_BEGIN}\n{MARK_END}\n"
+    head, rest = text.split(MARK_BEGIN, 1)
+    tail = rest.split(MARK_END, 1)[1]
+    DOC.write_text(f"{head}{MARK_BEGIN}\n{render(parts)}{MARK_END}{tail}")
+    print(render(parts))
+
+
 PARTS = {"machine": part_machine, "profile": part_profile, "levers-nnunet": part_levers_nnunet,
          "levers-suprem": part_levers_suprem, "goals": part_goals, "memory": part_memory}
 
@@ -377,9 +466,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     for part in args.parts:
         if part == "report":
-            from benchmarks._predict_report import write_report
-
-            write_report(DOC, MARK_BEGIN, MARK_END, {name: _load(name) for name in PARTS})
+            write_report({name: _load(name) for name in PARTS})
         else:
             PARTS[part]()
 

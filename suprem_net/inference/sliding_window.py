@@ -12,7 +12,7 @@
   hands those planes on (divided by their weights) and keeps only a buffer of
   K x (patch + one row's spread) x Y x X sums, never the logits of the whole volume.
 * Tiles may be left out (``keep_tile``, e.g. tiles that hold only air, see
-  :mod:`suprem_net.inference.body`): a voxel that no computed tile covers gets the ``background``
+  :mod:`suprem_net.preprocessing.body`): a voxel that no computed tile covers gets the ``background``
   channel (logit 0, every other channel -1e4; all channels -1e4 for multi-label models).
 * Test-time augmentation: mirroring over any subset of the three spatial axes (8 forwards with
   all three); the flipped copies of a tile batch go through the network in the same forward

@@ -1,6 +1,7 @@
 """Where the body is in a CT, coarsely, so that prediction can leave out tiles that hold only air.
 
-The mask is taken from the Hounsfield units before normalisation, on the oriented and cropped grid:
+The mask is taken from the Hounsfield units before normalisation (pooled on the image as read, in its
+own memory order, then mapped through the orientation and crop onto the grid that is predicted):
 
 * a voxel is body where its HU is above ``BODY_HU`` (-500: between air at -1000 and fat at about
   -100; the scanner table counts as body, which only costs time);
