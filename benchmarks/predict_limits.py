@@ -423,6 +423,8 @@ def render(parts: dict) -> str:
     if goals:
         out += ["Side by side (one run, alternating; TTA off; peak RSS of the process tree):", ""]
         for label, rows in goals.items():
+            if not isinstance(rows, dict):  # load_average_at_end
+                continue
             ref, dflt = rows["nnU-Net -npp 1 -nps 1"], rows["nnU-Net defaults"]
             out += [f"{label}:", "", _row("tool", "wall s", "vs nnU-Net -npp 1 -nps 1", "vs nnU-Net defaults",
                                           "peak RSS MiB", "RSS vs nnU-Net -npp 1", "voxel agreement with nnU-Net"),
@@ -437,7 +439,7 @@ def render(parts: dict) -> str:
     if mem:
         out += ["Memory, ct500 (512 x 512 x 500 int16, 7 classes), one process:", "",
                 _row("run", "wall s", "peak RSS MiB"), _row("---", "---:", "---:")]
-        out += [_row(k, f"{r['wall_s']:.1f}", f"{r['peak_rss_mib']:.0f}") for k, r in mem.items()]
+        out += [_row(k, f"{r['wall_s']:.1f}", f"{r['peak_rss_mib']:.0f}") for k, r in mem.items() if isinstance(r, dict)]
         out.append("")
     missing = [k for k in PARTS if not parts.get(k)]
     if missing:
