@@ -42,7 +42,7 @@ from suprem_net.io.checkpoint import load_checkpoint_file, strip_wrapper_prefixe
 from suprem_net.io.image import Geometry
 from suprem_net.labels import BITMASK, LabelScheme
 from suprem_net.networks import FAMILY_NAMES, build_network, get_family
-from suprem_net.networks.speed import compiled, instance_norms_as_group_norms, keep_freed_memory, upsampling_as_matmuls
+from suprem_net.networks.speed import compiled, keep_freed_memory, to_channels_last
 from suprem_net.preprocessing.case import preprocess_case
 from suprem_net.timing import NO_TIMES, StageTimes
 
@@ -87,9 +87,7 @@ def _channels_last(plan: dict) -> bool:
 def prepare_for_inference(model: nn.Module, channels_last: bool, compile: bool = False) -> nn.Module:
     """The CPU levers for ``model`` (in place, parameters shared; returns the model to call)."""
     if channels_last:
-        instance_norms_as_group_norms(model)
-        upsampling_as_matmuls(model)
-        model.to(memory_format=torch.channels_last_3d)
+        to_channels_last(model)
     else:
         fast_instance_norms(model)
     return compiled(model, "predicting") if compile else model
@@ -239,17 +237,14 @@ class Predictor:
             logger.info("%d of %d tiles held only air and were left out", self.window.tiles_total -
                         self.window.tiles_run, self.window.tiles_total)
 
-    def _logits(self, data: np.ndarray, props: dict | None = None) -> torch.Tensor:
-        """Mean logits over the folds, the whole volume, on the accumulation device (see sliding_window)."""
+    def predict_logits(self, data: np.ndarray) -> torch.Tensor:
+        """Logits (K, Z, Y, X) float32 on the CPU for a preprocessed case ``data`` (C, Z, Y, X): the mean
+        over the folds, the whole volume at once, every tile computed."""
         was_training = self._eval()
         try:
-            return self.window(self.models, data, keep_tile=self._keep_tile(data, props))
+            return self.window(self.models, data).float().cpu()
         finally:
             self._restore(was_training)
-
-    def predict_logits(self, data: np.ndarray) -> torch.Tensor:
-        """Logits (K, Z, Y, X) float32 on the CPU for a preprocessed case ``data`` (C, Z, Y, X)."""
-        return self._logits(data).float().cpu()
 
     def preprocessed(self, images: list[np.ndarray], geometry: Geometry) -> tuple[np.ndarray, dict]:
         """``(data, props)`` of a case, with the body mask when tiles of air may be left out."""

@@ -68,6 +68,16 @@ def upsampling_as_matmuls(model: nn.Module) -> int:
     return count
 
 
+def to_channels_last(model: nn.Module, upsampling_as_matmul: bool = True) -> tuple[int, int]:
+    """Channels-last memory for ``model`` (in place) with its instance norms as group norms and, unless
+    ``upsampling_as_matmul`` is off, its upsampling as matrix products; returns how many norms and
+    upsamplings were changed."""
+    norms = instance_norms_as_group_norms(model)
+    ups = upsampling_as_matmuls(model) if upsampling_as_matmul else 0
+    model.to(memory_format=torch.channels_last_3d)
+    return norms, ups
+
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 GLIBC_DEFAULT_THRESHOLD = 128 * 1024  # glibc's initial trim and mmap thresholds
 _kept = False  # whether this process keeps freed memory (set_freed_memory_kept)

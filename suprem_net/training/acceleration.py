@@ -12,12 +12,9 @@ import torch
 import torch.nn as nn
 
 from suprem_net.networks import get_family
-from suprem_net.networks.speed import instance_norms_as_group_norms, set_freed_memory_kept, upsampling_as_matmuls
+from suprem_net.networks.speed import set_freed_memory_kept, to_channels_last
 
 log = logging.getLogger(__name__)
-
-
-CPU_LEVERS = ("channels_last", "upsampling_as_matmul", "keep_freed_memory")
 
 
 def default_levers(family: str, device: torch.device) -> dict:
@@ -51,9 +48,7 @@ def apply_model_levers(model: nn.Module, family: str, levers: dict, kept: bool |
     products (only with channels-last, for families that train faster in it)."""
     if not (get_family(family).channels_last and levers.get("channels_last")):
         return torch.contiguous_format
-    n = instance_norms_as_group_norms(model)
-    up = upsampling_as_matmuls(model) if levers.get("upsampling_as_matmul") else 0
-    model.to(memory_format=torch.channels_last_3d)
+    n, up = to_channels_last(model, bool(levers.get("upsampling_as_matmul")))
     log.debug("CPU training: channels-last memory, %d instance norms as group norms, %d upsamplings as matrix "
               "products, freed memory kept: %s", n, up, kept)
     return torch.channels_last_3d
