@@ -38,6 +38,7 @@ from suprem_net.io.dicom import load_source
 from suprem_net.labels import LabelScheme
 from suprem_net.paths import location, resolve_dataset_name
 from suprem_net.plan import DEFAULT_PLANS_NAME, load_plan
+from suprem_net.preprocessing.body import is_ct
 from suprem_net.timing import NO_TIMES, StageTimes
 
 # planning, preprocessing, training, evaluation and merging are imported where they are used: a
@@ -288,9 +289,9 @@ def _predict_case(predictor: Predictor, case, outputs: CaseOutputs, probabilitie
     else:
         labels, probs = predictor.predict_case(images, geometry, probabilities=probabilities)
         pred = Prediction(labels, probabilities=probs)
-    ct = all(n.get("scheme") in ("ct", "window") for n in predictor.plan["normalization"])
-    with times("write"):
-        return outputs.write(case, images[0], geometry, pred, predictor.class_names, ct, source)
+    with times("write"):  # the preview of the first channel uses the CT window when that channel is CT
+        return outputs.write(case, images[0], geometry, pred, predictor.class_names,
+                             is_ct(predictor.plan["normalization"]), source)
 
 
 # ------------------------------------------------------------------------------------------ export
