@@ -90,19 +90,18 @@ def conv_peak(repeats: int = 3) -> dict:
 
 
 def part_machine() -> dict:
-    flags = ""
-    model = platform.processor()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags") and not flags:
-            flags = line
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
     import onnxruntime
 
+    from suprem_net.device import describe_machine
+
+    machine = describe_machine(torch.device("cpu"))
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "") \
+        if cpuinfo.is_file() else ""
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
     return _save("machine", {
-        "cpu": model, "cores": os.cpu_count(), "isa": isa, "torch": torch.__version__,
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+        "cpu": machine["cpu"], "cores": machine["logical_cpus"], "isa": isa, "torch": machine["torch"],
+        "torch_cpu_capability": machine["isa"], "threads": machine["threads"],
         "onnxruntime": onnxruntime.__version__, "python": platform.python_version(), **conv_peak()})
 
 
