@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import shutil
 import sys
@@ -150,7 +151,9 @@ def _main() -> None:
         pred.models = [Sampled(m, args.sample) for m in pred.models]
     (case,) = discover_cases(args.case_dir)
     images, geometry = read_case(case)
-    labels, _ = pred.predict_case(images, geometry)
+    # as suprem_predict does (the code before this issue has no such keyword)
+    release = {"release_images": True} if "release_images" in inspect.signature(pred.predict_case).parameters else {}
+    labels, _ = pred.predict_case(images, geometry, **release)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_labels(Path(args.out), labels, geometry)
     forwards = sum(m.calls for m in pred.models) if args.sample else None

@@ -284,13 +284,14 @@ def _predict_case(predictor: Predictor, case, outputs: CaseOutputs, probabilitie
         images, geometry = read_case(case)
         # the source instances of a DICOM-SEG, checked to lie on the grid, before any compute is spent
         source = load_source(case.dicom_dir, geometry) if outputs.dicom_seg else None
+    image = images[0] if outputs.statistics or outputs.preview else None  # else freed before the network runs
     if LabelScheme.of(predictor.plan).multi_label:  # the combined map and every class's own mask
         pred = Prediction(*predict_multilabel(predictor, images, geometry))
     else:
-        labels, probs = predictor.predict_case(images, geometry, probabilities=probabilities)
+        labels, probs = predictor.predict_case(images, geometry, probabilities=probabilities, release_images=True)
         pred = Prediction(labels, probabilities=probs)
     with times("write"):  # the preview of the first channel uses the CT window when that channel is CT
-        return outputs.write(case, images[0], geometry, pred, predictor.class_names,
+        return outputs.write(case, image, geometry, pred, predictor.class_names,
                              is_ct(predictor.plan["normalization"]), source)
 
 

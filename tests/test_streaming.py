@@ -49,13 +49,13 @@ def _chunks(t: torch.Tensor, sizes) -> list[tuple[int, torch.Tensor]]:
 def test_axis_resampler_matches_interpolate_on_any_stream(n_in, n_out, mode):
     x = torch.randn(3, n_in, 5, 4)
     ref = resize_axis(x, 0, n_out, mode)
-    for sizes in ([n_in], [1] * n_in, [4, 1, 7, 2, 30]):
+    for sizes, most in (([n_in], None), ([1] * n_in, None), ([4, 1, 7, 2, 30], None), ([4, 1, 7, 2, 30], 2)):
         r, got = AxisResampler(n_in, n_out, mode), []
         for first, part in _chunks(x, sizes):
-            done = r.push(first, part)
-            if done is not None:
-                assert done[0] == sum(g.shape[1] for g in got)  # in order, each target once
-                got.append(done[1])
+            for start, planes in r.push(first, part, most):
+                assert start == sum(g.shape[1] for g in got)  # in order, each target once
+                assert most is None or planes.shape[1] <= most
+                got.append(planes)
         torch.testing.assert_close(torch.cat(got, 1), ref, atol=1e-5, rtol=1e-5)
 
 

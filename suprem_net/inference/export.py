@@ -19,7 +19,7 @@ one output that holds every class at full resolution, so only when asked for.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -65,8 +65,9 @@ class AxisResampler:
         self.needed = 0      # the first source plane that a target still to come needs
         self.done = 0        # target planes handed on
 
-    def push(self, first: int, part: torch.Tensor) -> tuple[int, torch.Tensor] | None:
-        """Add source planes [first, first + n) (in order); return ``(first target, planes)`` that are now complete."""
+    def push(self, first: int, part: torch.Tensor, most: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Add source planes [first, first + n) (in order); return the targets now complete as
+        ``(first target, planes)``, at most ``most`` planes at a time, each computed when asked for."""
         if self.buf is None:
             self.buf, self.first = part, first
         else:
@@ -75,17 +76,19 @@ class AxisResampler:
         if drop > 0:
             self.buf, self.first = self.buf[:, drop:], self.first + drop
         end = int(np.searchsorted(self.i1, first + part.shape[1]))  # targets whose sources have all arrived
-        if end <= self.done:
-            return None
-        t = slice(self.done, end)
-        out = self.buf.index_select(1, torch.from_numpy(self.i0[t] - self.first).to(part.device))
-        if self.w[t].any():
-            w = torch.from_numpy(self.w[t]).to(part.device).view(1, -1, 1, 1)
-            out = out * (1 - w) + self.buf.index_select(1, torch.from_numpy(self.i1[t] - self.first).to(part.device)) * w
-        start, self.done = self.done, end
+        start, self.done = self.done, max(self.done, end)
         if end < self.n_out:
             self.needed = int(self.i0[end])
-        return start, out
+        return self._targets(self.buf, self.first, start, end, most or max(end - start, 1))
+
+    def _targets(self, buf: torch.Tensor, first: int, start: int, end: int, step: int):
+        for a in range(start, end, step):
+            t = slice(a, min(a + step, end))
+            out = buf.index_select(1, torch.from_numpy(self.i0[t] - first).to(buf.device))
+            if self.w[t].any():
+                w = torch.from_numpy(self.w[t]).to(buf.device).view(1, -1, 1, 1)
+                out = out * (1 - w) + buf.index_select(1, torch.from_numpy(self.i1[t] - first).to(buf.device)) * w
+            yield a, out
 
 
 def _as_slabs(logits) -> Iterable[tuple[int, torch.Tensor]]:
@@ -106,18 +109,18 @@ def resampled_slabs(logits, props: dict, slab: int = 16, times: StageTimes = NO_
     axis0 = None
     with torch.inference_mode():
         for first, part in _as_slabs(logits):
-            with times("revert"):
-                if axis0 is None:
-                    axis0 = AxisResampler(int(props["shape_after_resample"][0]), target[0], _mode(0, z_axis))
-                got = axis0.push(first, part.float())
-            if got is None:
-                continue
-            t0, planes = got
-            for z0 in range(0, planes.shape[1], slab):
+            if axis0 is None:
+                axis0 = AxisResampler(int(props["shape_after_resample"][0]), target[0], _mode(0, z_axis))
+            planes = axis0.push(first, part.float(), slab)
+            while True:
                 with times("revert"):
-                    piece = resize_axis(planes[:, z0:z0 + slab], 1, target[1], _mode(1, z_axis))
+                    got = next(planes, None)
+                    if got is None:
+                        break
+                    t0, piece = got
+                    piece = resize_axis(piece, 1, target[1], _mode(1, z_axis))
                     piece = resize_axis(piece, 2, target[2], _mode(2, z_axis))
-                yield slice(z_start + t0 + z0, z_start + t0 + z0 + piece.shape[1]), piece
+                yield slice(z_start + t0, z_start + t0 + piece.shape[1]), piece
 
 
 def argmax_labels(logits: torch.Tensor) -> torch.Tensor:
@@ -131,7 +134,7 @@ def argmax_labels(logits: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def revert_logits(logits, props: dict, *, probabilities: bool = False, slab: int = 16,
+def revert_logits(logits, props: dict, *, probabilities: bool = False, slab: int = 4,
                   times: StageTimes = NO_TIMES) -> tuple[np.ndarray, np.ndarray | None]:
     """Return ``(labels uint8 (Z,Y,X), probabilities float16 (K,Z,Y,X) or None)`` in the
     original image grid, for ``logits`` (K, z, y, x) on the preprocessed grid, whole or as slabs

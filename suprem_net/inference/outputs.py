@@ -111,9 +111,10 @@ class CaseOutputs:
         return self.target(case).exists() and (not self.statistics or
                                                all(p.exists() for p in self._statistics_paths(case)))
 
-    def write(self, case: Case, image: np.ndarray, geometry: Geometry, pred: Prediction, class_names: dict[int, str],
-              ct: bool, dicom_source=None) -> Path:
-        """Write every output of ``case``; returns its label output."""
+    def write(self, case: Case, image: np.ndarray | None, geometry: Geometry, pred: Prediction,
+              class_names: dict[int, str], ct: bool, dicom_source=None) -> Path:
+        """Write every output of ``case``; returns its label output. ``image`` (the first channel) is
+        needed only for the statistics and the preview."""
         masks = pred.bits if pred.bits is not None else pred.labels
         if self.probabilities:
             export.write_probabilities(self._extra(case, ".npz", "probabilities.npz"), pred.probabilities,

@@ -16,7 +16,8 @@ whole case never exist at once (see :mod:`~suprem_net.inference.sliding_window` 
 CPU levers (see :mod:`suprem_net.networks.speed`; measured in docs/benchmarks.md): channels-last
 memory with instance norms as group norms and the upsampling as matrix products for the families
 that declare ``channels_last`` and for nnU-Net models (else nnU-Net models get
-:class:`~suprem_net.inference.nnunet_compat.FastInstanceNorm`), freed memory kept for reuse, and on
+:class:`~suprem_net.inference.nnunet_compat.FastInstanceNorm`), freed memory of blocks up to
+:data:`~suprem_net.networks.speed.PREDICTION_HEAP_LIMIT` kept for reuse, and on
 request ``torch.compile``.
 """
 from __future__ import annotations
@@ -42,7 +43,8 @@ from suprem_net.io.checkpoint import load_checkpoint_file, strip_wrapper_prefixe
 from suprem_net.io.image import Geometry
 from suprem_net.labels import BITMASK, LabelScheme
 from suprem_net.networks import FAMILY_NAMES, build_network, get_family
-from suprem_net.networks.speed import compiled, keep_freed_memory, to_channels_last
+from suprem_net.networks.speed import (PREDICTION_HEAP_LIMIT, compiled, keep_freed_memory, return_free_memory,
+                                       to_channels_last)
 from suprem_net.preprocessing.case import preprocess_case
 from suprem_net.timing import NO_TIMES, StageTimes
 
@@ -158,11 +160,13 @@ class Predictor:
         if channels_last is None:
             channels_last = self.device.type == "cpu" and not exported and _channels_last(plan)
         if self.device.type == "cpu" and not exported:
-            keep_freed_memory()
+            keep_freed_memory(PREDICTION_HEAP_LIMIT)
         # models are put in eval mode only while predicting (a trainer's model keeps its state)
         self.models = [m if exported else m.to(self.device) for m in models]
         if not exported and (channels_last or compile or plan.get("source") == "nnunetv2"):
             self.models = [prepare_for_inference(m, channels_last, compile) for m in self.models]
+        if self.device.type == "cpu" and not exported:
+            return_free_memory()  # the checkpoints' and the contiguous weights' copies
         independent = batch_independent(plan)
         if tile_batch_size is None:
             tile_batch_size = int(plan.get("batch_size", 1)) if independent else 1
@@ -251,9 +255,11 @@ class Predictor:
         data, _, props = self.preprocess(images, geometry, self.plan, times=self.times, body=self.skip_air)
         return data, props
 
-    def predict_case(self, images: list[np.ndarray], geometry: Geometry,
-                     probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """Label map uint8 (Z, Y, X) in ``geometry`` (and float16 probabilities (K, Z, Y, X) if asked)."""
+    def predict_case(self, images: list[np.ndarray], geometry: Geometry, probabilities: bool = False,
+                     release_images: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Label map uint8 (Z, Y, X) in ``geometry`` (and float16 probabilities (K, Z, Y, X) if asked).
+        ``release_images``: empty the list ``images`` once the case is preprocessed, so that the arrays
+        (unless held elsewhere) are freed before the network runs."""
         if LabelScheme.of(self.plan).multi_label:  # the combined map of sigmoid > 0.5
             if probabilities:
                 raise SupremError("--save-probabilities is not supported for multi-label models")
@@ -264,7 +270,11 @@ class Predictor:
             images = [np.transpose(im, fwd) for im in images]
             geometry = Geometry(tuple(geometry.shape[a] for a in fwd), tuple(geometry.spacing[a] for a in fwd),
                                 geometry.origin, geometry.direction)
+        given = images
         data, props = self.preprocessed(images, geometry)
+        if release_images:
+            given.clear()
+            images = None
         labels, probs = revert_logits(self.logit_slabs(data, props), props, probabilities=probabilities,
                                       times=self.times)
         del data

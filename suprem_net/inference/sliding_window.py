@@ -97,6 +97,7 @@ def _is_oom(e: BaseException) -> bool:
 
 
 EMPTY_LOGIT = -1e4  # what a channel other than the background gets where no tile ran (fits float16)
+RELEASE_PLANES = 8  # finished planes handed on at a time
 
 
 class _Sums:
@@ -114,20 +115,21 @@ class _Sums:
         self.logits[(slice(None),) + sl] += logits.to(self.logits.dtype)
         self.weights[sl] += gauss
 
-    def release(self, upto: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """``(first plane, logit sums, weight sums)`` of the planes [base, min(upto, base + depth)),
-        which no later tile touches; the buffer moves on past them."""
-        n = min(upto - self.base, self.depth)
-        first = self.base
-        logits, weights = self.logits[:, :n].clone(), self.weights[:n].clone()
-        if n:
-            rest = self.depth - n
-            self.logits[:, :rest] = self.logits[:, n:].clone()
-            self.weights[:rest] = self.weights[n:].clone()
-            self.logits[:, rest:] = 0
-            self.weights[rest:] = 0
-        self.base += n  # the buffer's zeros now stand for the next planes, untouched so far
-        return first, logits, weights
+    def ready(self, upto: int) -> int:
+        """How many planes from ``base`` on are final once no tile starts before ``upto``."""
+        return max(0, min(upto - self.base, self.depth))
+
+    def advance(self, n: int) -> None:
+        """Drop the first ``n`` planes (handed on): the rest moves to the front, in blocks of ``n``
+        planes so that no copy of the buffer is needed; the zeros behind stand for the next planes."""
+        rest = self.depth - n
+        for i in range(0, rest, n):
+            j = min(i + n, rest)
+            self.logits[:, i:j] = self.logits[:, i + n:j + n]
+            self.weights[i:j] = self.weights[i + n:j + n]
+        self.logits[:, rest:] = 0
+        self.weights[rest:] = 0
+        self.base += n
 
 
 class SlidingWindow:
@@ -303,12 +305,17 @@ class SlidingWindow:
         yield from self._release(sums, shape[0], keep)
 
     def _release(self, sums: _Sums, upto: int, keep: tuple[slice, ...]) -> Iterator[tuple[int, torch.Tensor]]:
-        while sums.base < upto:
+        """The planes that are final before a tile starting at ``upto``, ``RELEASE_PLANES`` at a time
+        (each slab a new tensor, so the buffer may move on)."""
+        while n := sums.ready(upto):
+            for a in range(0, n, RELEASE_PLANES):
+                b = min(a + RELEASE_PLANES, n)
+                with self.times("accumulation"):
+                    done = self._finish(sums.base + a, sums.logits[:, a:b], sums.weights[a:b], keep)
+                if done is not None:
+                    yield done
             with self.times("accumulation"):
-                first, logits, weights = sums.release(upto)
-                done = self._finish(first, logits, weights, keep)
-            if done is not None:
-                yield done
+                sums.advance(n)
 
     @torch.inference_mode()
     def __call__(self, nets: nn.Module | Sequence[nn.Module], data: torch.Tensor | np.ndarray,

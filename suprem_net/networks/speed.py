@@ -10,7 +10,9 @@ decide which to use.
   upsampling): each input voxel times a (C_in, k*k*k*C_out) matrix, then the blocks moved into place;
   oneDNN's transposed convolutions run well below its convolutions' speed;
 * **freed memory kept for reuse** (glibc): otherwise large freed blocks go back to the kernel and
-  the next step's activations are fresh pages that the kernel zero-fills one fault at a time;
+  the next step's activations are fresh pages that the kernel zero-fills one fault at a time
+  (prediction keeps only blocks up to :data:`PREDICTION_HEAP_LIMIT`, so that its resident size follows
+  the large tensors alive rather than their high-water mark);
 * **torch.compile** (inductor): fuses the norms and non-linearities around the convolutions.
 """
 from __future__ import annotations
@@ -80,6 +82,9 @@ def to_channels_last(model: nn.Module, upsampling_as_matmul: bool = True) -> tup
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 GLIBC_DEFAULT_THRESHOLD = 128 * 1024  # glibc's initial trim and mmap thresholds
+# prediction: blocks up to this size are kept for reuse, larger ones returned when freed (32 MiB keeps
+# the small nnU-Net model's tiles as fast as keeping everything; docs/benchmarks.md)
+PREDICTION_HEAP_LIMIT = 32 << 20
 _kept = False  # whether this process keeps freed memory (set_freed_memory_kept)
 
 
@@ -92,15 +97,17 @@ def _mallopt():
         return None
 
 
-def keep_freed_memory() -> bool:
-    """Ask glibc to serve large allocations from the heap and not to give freed memory back, so the
-    activations of one step reuse the pages of the last one (PyTorch's CPU allocator is plain
-    malloc). Affects this process and the workers it forks; the resident size stays at its peak
-    instead of shrinking between steps. Returns whether it took effect (False off glibc)."""
-    return set_freed_memory_kept(True)
+def keep_freed_memory(largest: int = 1 << 30) -> bool:
+    """Ask glibc to serve allocations up to ``largest`` bytes from the heap and not to give freed memory
+    back, so the activations of one step reuse the pages of the last one (PyTorch's CPU allocator is
+    plain malloc); larger blocks are mapped on their own and returned when freed, so they cost fresh
+    pages but never stay resident. Affects this process and the workers it forks; the resident size
+    stays at the heap's peak instead of shrinking between steps. Returns whether it took effect (False
+    off glibc)."""
+    return set_freed_memory_kept(True, largest)
 
 
-def set_freed_memory_kept(on: bool) -> bool:
+def set_freed_memory_kept(on: bool, largest: int = 1 << 30) -> bool:
     """:func:`keep_freed_memory` (``on``), or glibc's initial thresholds back (128 KiB: large blocks
     mmapped and trimmed; glibc then no longer raises them by itself, which only matters for blocks
     under 32 MiB). Returns whether freed memory is now kept."""
@@ -114,9 +121,20 @@ def set_freed_memory_kept(on: bool) -> bool:
         _kept = False
         return False
     # older glibc refuses thresholds above 32 MiB; tensors larger than the one accepted stay mmapped
-    mmap_ok = any(mallopt(_M_MMAP_THRESHOLD, size) for size in (1 << 30, 32 << 20))
+    mmap_ok = any(mallopt(_M_MMAP_THRESHOLD, size) for size in (largest, min(largest, 32 << 20)))
     _kept = mmap_ok and bool(mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
     return _kept
+
+
+def return_free_memory() -> bool:
+    """Give the heap's free pages back to the system now (glibc's ``malloc_trim``), e.g. after loading
+    a model, whose checkpoint copies are freed; returns whether any were (False off glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
 
 def freed_memory_is_kept() -> bool:

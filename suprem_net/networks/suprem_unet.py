@@ -72,8 +72,26 @@ class ContBatchNorm3d(nn.BatchNorm3d):
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                             True, self.momentum, self.eps)
 
+    def normalise_(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` written into ``x`` itself (the same kernel, so the same numbers), for a tensor
+        nobody else holds; in training mode without ``batch_stats_always`` it is :meth:`forward`."""
+        if not (self.batch_stats_always or not self.training):
+            return self.forward(x)
+        stats = x.new_empty(0), x.new_empty(0)
+        torch.ops.aten.native_batch_norm.out(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                             self.batch_stats_always, self.momentum, self.eps,
+                                             out=x, save_mean=stats[0], save_invstd=stats[1])
+        return x
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", batch_stats_always={self.batch_stats_always}"
+
+
+def _lean(x: torch.Tensor) -> bool:
+    """Whether this forward may trade the autograd-friendly form for less memory: no gradient, on the
+    CPU in fp32, and not traced (torch.compile or an export see the plain form)."""
+    return (not torch.is_grad_enabled() and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
 
 
 def _activation(act: str, channels: int) -> nn.Module:
@@ -94,7 +112,8 @@ class LUConv(nn.Module):
         self.activation = _activation(act, out_ch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.bn1(self.conv1(x)))
+        y = self.conv1(x)
+        return self.activation(self.bn1.normalise_(y) if _lean(y) else self.bn1(y))
 
 
 class DownTransition(nn.Module):
@@ -111,6 +130,8 @@ class DownTransition(nn.Module):
 
 
 class UpTransition(nn.Module):
+    slab_bytes = 64 << 20  # the most memory one slab of :meth:`forward_lean` takes
+
     def __init__(self, up_ch: int, skip_ch: int, out_ch: int, act: str, bsa: bool) -> None:
         super().__init__()
         self.up_conv = nn.ConvTranspose3d(up_ch, up_ch, kernel_size=2, stride=2)
@@ -118,6 +139,45 @@ class UpTransition(nn.Module):
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.ops(torch.cat((self.up_conv(x), skip), dim=1))
+
+    def forward_lean(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        """``forward(x, skips.pop())`` in less memory (inference): the concatenation of the upsampled
+        ``x`` and the skip is never made whole; the first convolution runs slab by slab along the
+        first spatial axis on a buffer of the planes it needs (halo included), and the skip is let go
+        before the norm. The same arithmetic per output voxel, so the same numbers (tested)."""
+        skip = skips.pop()
+        if (self.up_conv.out_channels + skip.shape[1]) * skip[:, :1].numel() * skip.element_size() <= self.slab_bytes:
+            return self(x, skip)  # the concatenation fits in one slab
+        first = self.ops[0]
+        y = _conv_of_upsampled_and_skip(self.up_conv, first.conv1, x, skip, self.slab_bytes)
+        del skip
+        return self.ops[1](first.activation(first.bn1.normalise_(y)))
+
+
+def _conv_of_upsampled_and_skip(up: nn.ConvTranspose3d, conv: nn.Conv3d, x: torch.Tensor, skip: torch.Tensor,
+                                slab_bytes: int) -> torch.Tensor:
+    """``conv(cat((up(x), skip), 1))`` slab by slab along the first spatial axis: ``up`` has kernel =
+    stride (an upsampled plane p comes from plane p // stride of ``x``), ``conv`` stride 1 and a kernel
+    of 2 x padding + 1 along that axis (the halo), zeros beyond the edges as its padding."""
+    n, cs, depth, h, w = skip.shape
+    cu, s, halo = up.out_channels, up.stride[0], conv.padding[0]
+    fmt = torch.channels_last_3d if skip.is_contiguous(memory_format=torch.channels_last_3d) \
+        and not skip.is_contiguous() else torch.contiguous_format
+    out = torch.empty((n, conv.out_channels, depth, h, w), dtype=skip.dtype, device=skip.device, memory_format=fmt)
+    step = max(1, slab_bytes // ((cu + cs) * n * h * w * skip.element_size()))
+    for a in range(0, depth, step):
+        b = min(a + step, depth)
+        lo, hi = max(a - halo, 0), min(b + halo, depth)
+        before, after = halo - (a - lo), halo - (hi - b)  # zero planes of the padding at the edges
+        planes = torch.empty((n, cu + cs, before + hi - lo + after, h, w), dtype=skip.dtype, device=skip.device,
+                             memory_format=fmt)
+        planes[:, :, :before] = 0
+        planes[:, :, before + hi - lo:] = 0
+        xa, xb = lo // s, (hi - 1) // s + 1
+        planes[:, :cu, before:before + hi - lo] = up(x[:, :, xa:xb])[:, :, lo - xa * s:hi - xa * s]
+        planes[:, cu:, before:before + hi - lo] = skip[:, :, lo:hi]
+        out[:, :, a:b] = F.conv3d(planes, conv.weight, conv.bias, 1, (0, *conv.padding[1:]))
+    return out
 
 
 class OutputTransition(nn.Module):
@@ -144,13 +204,15 @@ class SupremUNet3D(nn.Module):
         self.out_tr = OutputTransition(64, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, skip64 = self.down_tr64(x)
-        x, skip128 = self.down_tr128(x)
-        x, skip256 = self.down_tr256(x)
+        lean = _lean(x)
+        skips = []
+        for down in (self.down_tr64, self.down_tr128, self.down_tr256):
+            x, skip = down(x)
+            skips.append(skip)
+        del skip  # the list holds the skips, so each can be let go once used
         x, _ = self.down_tr512(x)
-        x = self.up_tr256(x, skip256)
-        x = self.up_tr128(x, skip128)
-        x = self.up_tr64(x, skip64)
+        for up in (self.up_tr256, self.up_tr128, self.up_tr64):
+            x = up.forward_lean(x, skips) if lean else up(x, skips.pop())
         return self.out_tr(x)
 
 

@@ -28,10 +28,25 @@ def separate_z_axis(spacing, new_spacing, threshold: float = 3.0) -> int | None:
     return None
 
 
-def resize_axis(x: torch.Tensor, axis: int, size: int, mode: str) -> torch.Tensor:
-    """Resize one spatial axis of ``x`` (N, Z, Y, X); ``mode`` is 'cubic', 'linear' or 'nearest'."""
+def resize_axis(x: torch.Tensor, axis: int, size: int, mode: str, chunk_bytes: int = 32 << 20) -> torch.Tensor:
+    """Resize one spatial axis of ``x`` (N, Z, Y, X); ``mode`` is 'cubic', 'linear' or 'nearest'.
+
+    The rows along ``axis`` are independent, so they are resized in chunks of about ``chunk_bytes``
+    into one new contiguous tensor: the only full-size array made is the result."""
     if x.shape[1 + axis] == size:
         return x
+    shape = list(x.shape)
+    shape[1 + axis] = size
+    out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    dim = 2 if axis == 0 else 1  # the outermost spatial axis that is not resized
+    step = max(1, chunk_bytes // max(1, x.numel() // x.shape[dim] * x.element_size()))
+    for a in range(0, x.shape[dim], step):
+        out.narrow(dim, a, min(step, x.shape[dim] - a)).copy_(
+            _resize_rows(x.narrow(dim, a, min(step, x.shape[dim] - a)), axis, size, mode))
+    return out
+
+
+def _resize_rows(x: torch.Tensor, axis: int, size: int, mode: str) -> torch.Tensor:
     moved = x.movedim(1 + axis, -1)  # (N, a, b, L)
     lead = moved.shape[:-1]
     flat = moved.reshape(1, 1, -1, moved.shape[-1])  # (1, 1, rows, L): 2D op with rows unchanged
