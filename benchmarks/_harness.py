@@ -29,11 +29,11 @@ def ensure_nnunet_env() -> Path:
     return bin_dir
 
 
-def run_measured(cmd: list[str], env: dict | None = None, poll: float = 0.05) -> dict:
-    """Run ``cmd``; return wall seconds and the peak summed RSS of the process and its children."""
+def run_measured(cmd: list[str], env: dict | None = None, poll: float = 0.05, cwd: Path | None = None) -> dict:
+    """Run ``cmd`` (in ``cwd``); return wall seconds and the peak summed RSS of the process and its children."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, cwd=cwd)
     root = psutil.Process(proc.pid)
     peak = 0
     while proc.poll() is None:

@@ -267,7 +267,8 @@ def _timed_once(fn) -> float:
 
 # ------------------------------------------------------------------------------------------ goals
 def base_checkout() -> Path:
-    """``suprem_net`` as it was before this issue, extracted from git (for side-by-side runs)."""
+    """``suprem_net`` as it was before this issue, extracted from git (for side-by-side runs: run with
+    this folder as the working directory, which ``python -m`` puts before PYTHONPATH)."""
     if not (BASE / "suprem_net").is_dir():
         BASE.mkdir(parents=True, exist_ok=True)
         archive = subprocess.run(["git", "-C", str(REPO), "archive", BASE_COMMIT, "suprem_net"], check=True,
@@ -282,7 +283,7 @@ def _ours(case_dir: Path, out: Path, model: Path, nnunet: bool, base: bool = Fal
     if not base:
         cmd = [sys.executable, "-m", "suprem_net.cli.predict", "-i", str(case_dir), "-o", str(out), "--device", "cpu",
                "--no-tta", "--overwrite", "--nnunet-model" if nnunet else "-m", str(model)]
-        return run_measured(cmd, env={"PYTHONPATH": str(REPO)})
+        return run_measured(cmd, env={"PYTHONPATH": str(REPO)}, cwd=REPO)
     walls, peaks = [], []
     for f in sorted(case_dir.glob("*_0000.nii.gz")):  # the runner takes one case per process
         single = out.parent / f"{out.name}_in" / f.name.replace("_0000.nii.gz", "")
@@ -292,7 +293,7 @@ def _ours(case_dir: Path, out: Path, model: Path, nnunet: bool, base: bool = Fal
         cmd = [sys.executable, "-m", "benchmarks._predict_data", str(single),
                str(out / f.name.replace("_0000", "")), str(model)] + (["--nnunet"] if nnunet else []) + \
             (["--sample", str(sample)] if sample else [])
-        r = run_measured(cmd, env={"PYTHONPATH": f"{base_checkout()}:{REPO}"})
+        r = run_measured(cmd, env={"PYTHONPATH": f"{base_checkout()}:{REPO}"}, cwd=base_checkout())
         walls.append(r["wall_s"])
         peaks.append(r["peak_rss_bytes"])
     return {"wall_s": sum(walls), "peak_rss_bytes": max(peaks)}
@@ -361,7 +362,7 @@ def _ours_one(case_dir: Path, model: Path, nnunet: bool, sample: int, base: bool
     cmd = [sys.executable, "-m", "benchmarks._predict_data", str(case_dir), str(data.WORK / "m_out" / "case.nii.gz"),
            str(model)] + (["--nnunet"] if nnunet else []) + (["--sample", str(sample)] if sample else [])
     path = f"{base_checkout()}:{REPO}" if base else str(REPO)
-    r = run_measured(cmd, env={"PYTHONPATH": path})
+    r = run_measured(cmd, env={"PYTHONPATH": path}, cwd=base_checkout() if base else REPO)
     print(model.name, base, r["wall_s"], r["peak_rss_bytes"] / 2 ** 20, file=sys.stderr)
     return r
 

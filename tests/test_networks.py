@@ -2,6 +2,9 @@
 legacy Swin patch merging and the batch-statistics BatchNorm of the U-Net."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
@@ -169,3 +172,80 @@ def test_segresnet_architecture():
     m.eval()
     with torch.no_grad():
         assert m(torch.randn(1, 1, 32, 32, 32)).shape == (1, 25, 32, 32, 32)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("batch_stats", [True, False])
+def test_suprem_unet_lean_inference_gives_the_plain_numbers(monkeypatch, channels_last, batch_stats):
+    """Without gradients on the CPU the decoder's concatenation is convolved slab by slab and the norms
+    run in place: the same logits and running statistics as the plain forward (which training uses)."""
+    import suprem_net.networks.suprem_unet as su
+    from suprem_net.networks.speed import to_channels_last
+
+    torch.manual_seed(0)
+    net = su.SupremUNet3D(1, 4, batch_stats_always=batch_stats).eval()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm3d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    if channels_last:
+        to_channels_last(net)
+    x = torch.randn(1, 1, 40, 32, 24)
+    x = x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    lean = su._lean
+    monkeypatch.setattr(su, "_lean", lambda t: False)
+    with torch.inference_mode():
+        plain = net(x)
+    plain_state = {k: v.clone() for k, v in net.state_dict().items()}
+    net.load_state_dict(state)
+    monkeypatch.setattr(su, "_lean", lean)
+    monkeypatch.setattr(su.UpTransition, "slab_bytes", 64 << 10)  # several slabs in the two upper levels
+    slabs = []
+    conv = su._conv_of_upsampled_and_skip
+    monkeypatch.setattr(su, "_conv_of_upsampled_and_skip", lambda *a: slabs.append(a[3].shape) or conv(*a))
+    with torch.inference_mode():
+        got = net(x)
+    assert len(slabs) >= 2  # the slab path ran
+    # equal voxel for voxel up to the rounding of convolutions over a few planes (bit-equal at 64 MiB slabs)
+    torch.testing.assert_close(got, plain, atol=1e-5 * float(plain.abs().max()), rtol=0)
+    assert torch.equal(got.argmax(1), plain.argmax(1))
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, plain_state[k], atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.no_grad():  # what torch.compile or an export traces is the plain form
+        slabs.clear()
+        net(x)
+        assert not slabs
+
+
+LEAN_MEMORY = """
+import sys, torch
+import suprem_net.networks.suprem_unet as su
+if sys.argv[1] == "plain":
+    su._lean = lambda t: False
+
+def status(key):  # kB; VmHWM is this process's own peak (ru_maxrss would include the parent's at fork)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+net = su.SupremUNet3D(1, 7).eval()
+x = torch.randn(1, 1, 64, 64, 64)
+before = status("VmRSS")
+with torch.inference_mode():
+    net(x)
+print(status("VmHWM") - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_suprem_unet_lean_inference_needs_less_memory():
+    """The top decoder level's concatenation (192 channels at full resolution) is never made whole and
+    the norms run in place: one forward's peak resident size above the process before it is well below
+    the plain forward's."""
+    def growth(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", LEAN_MEMORY, mode], capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[0])
+
+    plain, lean = growth("plain"), growth("lean")
+    assert lean < 0.75 * plain, (lean, plain)

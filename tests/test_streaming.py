@@ -2,6 +2,8 @@
 tiles that hold only air are left out (the body mask), the stage timer."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -158,14 +160,20 @@ def test_voxels_no_tile_covers_are_background():
     assert (out[:, 8:].argmax(0) == 0).all() and (out[0, 8:] == 0).all() and (out[1:, 8:] < -1e3).all()
 
 
-def test_predict_case_never_holds_the_whole_logits(monkeypatch):
-    """The predictor's path streams: SlidingWindow.__call__ (the whole volume) is not used."""
+def _small_ct_and_plan():
+    """A generated CT at 5 mm and a plan for it (3 classes, 16^3 patches) for :class:`_Smooth`."""
     ct, _, geo = make_case(SyntheticSpec(num_classes=2, seed=3, inplane_spacing=(5.0, 5.0), z_spacing=(5.0, 5.0)), 0)
     plan = {"orientation": "RAS", "axes": "xyz", "target_spacing": [5.0, 5.0, 5.0],
             "normalization": [{"scheme": "ct", "clip": [-1000.0, 1000.0], "mean": 0.0, "std": 100.0}],
             "resampling": {"anisotropy_threshold": 3.0}, "num_classes": 3, "patch_size": [16, 16, 16],
             "batch_size": 2, "labels": {"background": 0, "fat": 1, "tissue": 2},
             "network": {"family": "nnunet", "kwargs": {}}}
+    return ct, geo, plan
+
+
+def test_predict_case_never_holds_the_whole_logits(monkeypatch):
+    """The predictor's path streams: SlidingWindow.__call__ (the whole volume) is not used."""
+    ct, geo, plan = _small_ct_and_plan()
     monkeypatch.setattr(SlidingWindow, "__call__", lambda *a, **k: pytest.fail("whole-volume logits"))
     labels, _ = Predictor(plan, [_Smooth()], device="cpu", tta=False, channels_last=False).predict_case(
         [ct], Geometry(geo.shape, geo.spacing, geo.origin, geo.direction))
@@ -179,3 +187,54 @@ def test_argmax_labels_is_argmax_with_ties_to_the_first_class():
     x[3, 0] = x[1, 0] = x[:, 0].max(0).values + 1  # a tie between classes 1 and 3
     assert torch.equal(argmax_labels(x), x.argmax(0).to(torch.uint8))
     assert (argmax_labels(x)[0] == 1).all()
+
+
+@pytest.mark.parametrize("mode", ["cubic", "linear", "nearest"])
+def test_resize_axis_in_chunks_is_the_same_as_at_once(mode):
+    from suprem_net.preprocessing.resampling import _resize_rows
+
+    x = torch.randn(2, 17, 23, 19)
+    for axis, size in ((0, 31), (1, 9), (2, 40)):
+        whole = _resize_rows(x, axis, size, mode)
+        for chunk_bytes in (1, 5000, 1 << 30):  # one row per chunk, a few, one chunk
+            got = resize_axis(x, axis, size, mode, chunk_bytes=chunk_bytes)
+            assert got.is_contiguous() and torch.equal(got, whole)
+
+
+def test_sliding_window_slabs_equal_a_plain_gaussian_average(monkeypatch):
+    """Against the sums written out directly: every tile's logits times the Gaussian, divided by the
+    summed Gaussians, for handing on in slabs smaller than the advance of the tiles."""
+    import suprem_net.inference.sliding_window as sw_mod
+
+    monkeypatch.setattr(sw_mod, "RELEASE_PLANES", 3)
+    torch.manual_seed(1)
+    data = torch.randn(1, 45, 20, 26)
+    net = _Smooth()
+    sw = SlidingWindow([16, 16, 16], 3, step_size=0.4, tile_batch_size=2, mirror_axes=None)
+    got = torch.cat([p for _, p in sw.slabs(net, data)], 1)
+    gauss = sw_mod.gaussian_weights([16, 16, 16])
+    num, den = torch.zeros(3, 45, 20, 26), torch.zeros(45, 20, 26)
+    for z, y, x in itertools.product(*sw_mod.compute_steps(data.shape[1:], [16, 16, 16], 0.4)):
+        sl = (slice(z, z + 16), slice(y, y + 16), slice(x, x + 16))
+        with torch.no_grad():
+            num[(slice(None),) + sl] += net(data[None][(slice(None), slice(None)) + sl])[0] * gauss
+        den[sl] += gauss
+    torch.testing.assert_close(got, num / den, atol=1e-5, rtol=1e-5)
+
+
+def test_release_images_frees_the_input_before_the_network():
+    ct, geo, plan = _small_ct_and_plan()
+    seen = []
+
+    class Watch(_Smooth):
+        def forward(self, x):
+            seen.append(len(images))
+            return super().forward(x)
+
+    images = [ct.copy()]
+    pred = Predictor(plan, [Watch()], device="cpu", tta=False, channels_last=False)
+    kept, _ = pred.predict_case([ct.copy()], geo)
+    seen.clear()
+    released, _ = pred.predict_case(images, geo, release_images=True)
+    assert images == [] and seen and set(seen) == {0}  # emptied before the first tile
+    assert np.array_equal(kept, released)

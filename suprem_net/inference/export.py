@@ -6,9 +6,9 @@ separable resize as preprocessing), argmax, paste into the crop box (background 
 undo the orientation. It takes the logits as a whole tensor or as the stream of slabs along the
 first axis that :meth:`~suprem_net.inference.sliding_window.SlidingWindow.slabs` yields, and works
 slab by slab: the first axis is resized as planes arrive (a target plane needs at most its two
-source planes, :class:`AxisResampler`), then ``slab`` target planes at a time in-plane, so at most
-K x ``slab`` x Y x X floats of the original resolution exist at once and the logits of the whole
-case never do. Separable linear/nearest interpolation is a tensor product, so this order gives
+source planes, :class:`AxisResampler`), ``slab`` target planes at a time, each slab then in-plane,
+so at most K x ``slab`` x Y x X floats of the original resolution exist at once and the logits of
+the whole case never do. Separable linear/nearest interpolation is a tensor product, so this order gives
 the same result as resizing the whole volume at once.
 
 Probabilities (``--save-probabilities``) are the softmax of the resampled logits, stored as
@@ -32,6 +32,10 @@ from suprem_net.preprocessing.resampling import resize_axis
 from suprem_net.timing import NO_TIMES, StageTimes
 
 logger = logging.getLogger(__name__)
+
+# target planes of the original resolution made at a time: K x 4 x 512 x 512 float32 is 29 MB for
+# 7 classes, under the prediction's heap limit (speed.PREDICTION_HEAP_LIMIT), so the slabs reuse memory
+REVERT_SLAB = 4
 
 
 def _mode(axis: int, z_axis: int | None) -> str:
@@ -95,13 +99,13 @@ def _as_slabs(logits) -> Iterable[tuple[int, torch.Tensor]]:
     return [(0, logits)] if isinstance(logits, torch.Tensor) else logits
 
 
-def resampled_slabs(logits, props: dict, slab: int = 16, times: StageTimes = NO_TIMES):
+def resampled_slabs(logits, props: dict, slab: int = REVERT_SLAB, times: StageTimes = NO_TIMES):
     """Yield ``(z slice in the oriented original grid, logits (K, dz, Y, X) float32)`` slab by slab.
 
     ``logits``: a tensor (K, z, y, x) on the preprocessed grid, or its slabs ``(first plane, (K, n, y, x))``
     in order along the first axis. The first array axis is resized as the planes arrive, at the low
-    in-plane resolution, then each slab of ``slab`` planes in-plane, so at most K x ``slab`` x Y x X
-    original-resolution floats exist at once.
+    in-plane resolution and ``slab`` target planes at a time, then each slab in-plane, so at most
+    K x ``slab`` x Y x X original-resolution floats exist at once.
     """
     target = [int(s) for s in props["shape_after_crop"]]
     z_axis = props["separate_z_axis"]
@@ -134,7 +138,7 @@ def argmax_labels(logits: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def revert_logits(logits, props: dict, *, probabilities: bool = False, slab: int = 4,
+def revert_logits(logits, props: dict, *, probabilities: bool = False, slab: int = REVERT_SLAB,
                   times: StageTimes = NO_TIMES) -> tuple[np.ndarray, np.ndarray | None]:
     """Return ``(labels uint8 (Z,Y,X), probabilities float16 (K,Z,Y,X) or None)`` in the
     original image grid, for ``logits`` (K, z, y, x) on the preprocessed grid, whole or as slabs

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from suprem_net.inference.export import resampled_slabs
+from suprem_net.inference.export import REVERT_SLAB, resampled_slabs
 from suprem_net.io.image import Geometry, write_image
 from suprem_net.preprocessing import orientation as ori
 from suprem_net.labels import LabelScheme, bitmask_dtype, channel
@@ -44,7 +44,7 @@ def to_bitmask(logits: torch.Tensor) -> torch.Tensor:
     return bits
 
 
-def revert_sigmoid(logits, props: dict, slab: int = 16,
+def revert_sigmoid(logits, props: dict, slab: int = REVERT_SLAB,
                    times: StageTimes = NO_TIMES) -> tuple[np.ndarray, np.ndarray]:
     """``(combined labels (Z,Y,X), bitmask (Z,Y,X))`` in the original grid for ``logits`` (C, z, y, x),
     whole or as slabs along the first axis (see :func:`~suprem_net.inference.export.resampled_slabs`)."""

@@ -13,6 +13,10 @@ Architecture (re-implemented from the published description, not copied):
 19,073,600 parameters without the head, 19,075,225 with 25 classes. Every patch edge must be
 divisible by 8. There is no deep supervision (the flag is ignored).
 
+Without gradients on the CPU (prediction) the forward takes less memory for the same numbers: the
+norms run in place and each decoder level too large for one slab convolves its concatenation slab by
+slab (:meth:`UpTransition.forward_lean`); training, autocast and traced forwards use the plain form.
+
 Plan kwargs (all optional; ``{}`` gives the published network):
 
 * ``act`` (``"relu"``): ``"relu"``, ``"elu"`` or ``"prelu"`` (PReLU adds ``activation.weight``
@@ -75,7 +79,7 @@ class ContBatchNorm3d(nn.BatchNorm3d):
     def normalise_(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` written into ``x`` itself (the same kernel, so the same numbers), for a tensor
         nobody else holds; in training mode without ``batch_stats_always`` it is :meth:`forward`."""
-        if not (self.batch_stats_always or not self.training):
+        if self.training and not self.batch_stats_always:  # updates num_batches_tracked too
             return self.forward(x)
         stats = x.new_empty(0), x.new_empty(0)
         torch.ops.aten.native_batch_norm.out(x, self.weight, self.bias, self.running_mean, self.running_var,
@@ -89,9 +93,15 @@ class ContBatchNorm3d(nn.BatchNorm3d):
 
 def _lean(x: torch.Tensor) -> bool:
     """Whether this forward may trade the autograd-friendly form for less memory: no gradient, on the
-    CPU in fp32, and not traced (torch.compile or an export see the plain form)."""
-    return (not torch.is_grad_enabled() and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
+    CPU without autocast, and not traced (torch.compile or an export see the plain form)."""
+    if torch.is_grad_enabled() or x.device.type != "cpu":
+        return False
+    try:
+        autocast = torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        autocast = torch.is_autocast_cpu_enabled()
+    traced = any(getattr(torch.compiler, f, lambda: False)() for f in ("is_compiling", "is_exporting"))
+    return not autocast and not traced
 
 
 def _activation(act: str, channels: int) -> nn.Module:

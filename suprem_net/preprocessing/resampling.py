@@ -41,8 +41,8 @@ def resize_axis(x: torch.Tensor, axis: int, size: int, mode: str, chunk_bytes: i
     dim = 2 if axis == 0 else 1  # the outermost spatial axis that is not resized
     step = max(1, chunk_bytes // max(1, x.numel() // x.shape[dim] * x.element_size()))
     for a in range(0, x.shape[dim], step):
-        out.narrow(dim, a, min(step, x.shape[dim] - a)).copy_(
-            _resize_rows(x.narrow(dim, a, min(step, x.shape[dim] - a)), axis, size, mode))
+        n = min(step, x.shape[dim] - a)
+        out.narrow(dim, a, n).copy_(_resize_rows(x.narrow(dim, a, n), axis, size, mode))
     return out
 
 
