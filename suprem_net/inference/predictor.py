@@ -270,10 +270,10 @@ class Predictor:
             images = [np.transpose(im, fwd) for im in images]
             geometry = Geometry(tuple(geometry.shape[a] for a in fwd), tuple(geometry.spacing[a] for a in fwd),
                                 geometry.origin, geometry.direction)
-        given = images
+        caller_images = images
         data, props = self.preprocessed(images, geometry)
-        if release_images:
-            given.clear()
+        if release_images:  # the caller's list and this function's (transposed views of it)
+            caller_images.clear()
             images = None
         labels, probs = revert_logits(self.logit_slabs(data, props), props, probabilities=probabilities,
                                       times=self.times)
