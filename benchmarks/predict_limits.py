@@ -4,7 +4,8 @@
     PART: machine | profile | levers-nnunet | levers-suprem | goals | memory | report
 
 Each part writes ``.bench/predict_limits/<part>.json``; ``report`` renders them into docs/benchmarks.md
-(between the ``predict_limits`` markers). Parts are separate so that each runs for minutes on a
+(between the ``predict_limits`` markers of the machine's instruction set, so that an
+AVX2 and an AVX-512 run stand side by side). Parts are separate so that each runs for minutes on a
 shared machine; every figure that is compared is measured within one part, side by side.
 
 * ``machine``: CPU, instruction sets, and the measured peaks: the best fp32 GFLOP/s of a set of 3-D
@@ -42,7 +43,7 @@ from benchmarks._harness import REPO, run_measured
 BASE_COMMIT = "3a0ad55"  # the code before issue 23
 BASE = data.WORK / "base"
 DOC = REPO / "docs" / "benchmarks.md"
-MARK_BEGIN, MARK_END = "<!-- predict_limits:begin -->", "<!-- predict_limits:end -->"
+MARK = "<!-- predict_limits:{} {} -->"  # begin/end, then the instruction set PyTorch used (one section each)
 
 
 def _save(part: str, result: dict) -> dict:
@@ -448,13 +449,18 @@ def render(parts: dict) -> str:
 
 
 def write_report(parts: dict) -> None:
-    """Replace the text between the markers in docs/benchmarks.md by :func:`render`'s."""
+    """Replace the section of this machine's instruction set in docs/benchmarks.md (between its markers)
+    by :func:`render`'s text; a new instruction set gets its own section after the others."""
+    isa = (parts.get("machine") or {}).get("torch_cpu_capability", "unknown")
+    begin, end = MARK.format("begin", isa), MARK.format("end", isa)
     text = DOC.read_text()
-    if MARK_BEGIN not in text:
-        text = text.rstrip() + f"\n\n{MARK_BEGIN}\n{MARK_END}\n"
-    head, rest = text.split(MARK_BEGIN, 1)
-    tail = rest.split(MARK_END, 1)[1]
-    DOC.write_text(f"{head}{MARK_BEGIN}\n{render(parts)}{MARK_END}{tail}")
+    if begin not in text:
+        last = text.rfind(MARK.format("end", "").rstrip(" ->"))
+        cut = text.index("-->", last) + 3 if last >= 0 else len(text.rstrip())
+        text = f"{text[:cut]}\n\n{begin}\n{end}{text[cut:]}"
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    DOC.write_text(f"{head}{begin}\n{render(parts)}{end}{tail}")
     print(render(parts))
 
 
