@@ -88,12 +88,13 @@ PREDICTION_HEAP_LIMIT = 32 << 20
 _kept = False  # whether this process keeps freed memory (set_freed_memory_kept)
 
 
-def _mallopt():
+def _glibc(function: str):
+    """``function`` of glibc, or None off Linux or with another C library (e.g. musl)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # another C library (e.g. musl)
+        return getattr(ctypes.CDLL("libc.so.6"), function)
+    except (OSError, AttributeError):
         return None
 
 
@@ -112,7 +113,7 @@ def set_freed_memory_kept(on: bool, largest: int = 1 << 30) -> bool:
     mmapped and trimmed; glibc then no longer raises them by itself, which only matters for blocks
     under 32 MiB). Returns whether freed memory is now kept."""
     global _kept
-    mallopt = _mallopt()
+    mallopt = _glibc("mallopt")
     if mallopt is None or (not on and not _kept):
         return False
     if not on:
@@ -129,12 +130,8 @@ def set_freed_memory_kept(on: bool, largest: int = 1 << 30) -> bool:
 def return_free_memory() -> bool:
     """Give the heap's free pages back to the system now (glibc's ``malloc_trim``), e.g. after loading
     a model, whose checkpoint copies are freed; returns whether any were (False off glibc)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    trim = _glibc("malloc_trim")
+    return bool(trim(0)) if trim is not None else False
 
 
 def freed_memory_is_kept() -> bool:

@@ -156,25 +156,32 @@ class UpTransition(nn.Module):
         first spatial axis on a buffer of the planes it needs (halo included), and the skip is let go
         before the norm. The same arithmetic per output voxel, so the same numbers (tested)."""
         skip = skips.pop()
-        if (self.up_conv.out_channels + skip.shape[1]) * skip[:, :1].numel() * skip.element_size() <= self.slab_bytes:
+        step = _slab_planes(self.up_conv, skip, self.slab_bytes)
+        if step >= skip.shape[2]:
             return self(x, skip)  # the concatenation fits in one slab
         first = self.ops[0]
-        y = _conv_of_upsampled_and_skip(self.up_conv, first.conv1, x, skip, self.slab_bytes)
+        y = _conv_of_upsampled_and_skip(self.up_conv, first.conv1, x, skip, step)
         del skip
         return self.ops[1](first.activation(first.bn1.normalise_(y)))
 
 
+def _slab_planes(up: nn.ConvTranspose3d, skip: torch.Tensor, slab_bytes: int) -> int:
+    """How many planes of the concatenation ``cat((up(x), skip), 1)`` fit in ``slab_bytes``."""
+    n, cs, _, h, w = skip.shape
+    return max(1, slab_bytes // ((up.out_channels + cs) * n * h * w * skip.element_size()))
+
+
 def _conv_of_upsampled_and_skip(up: nn.ConvTranspose3d, conv: nn.Conv3d, x: torch.Tensor, skip: torch.Tensor,
-                                slab_bytes: int) -> torch.Tensor:
-    """``conv(cat((up(x), skip), 1))`` slab by slab along the first spatial axis: ``up`` has kernel =
-    stride (an upsampled plane p comes from plane p // stride of ``x``), ``conv`` stride 1 and a kernel
-    of 2 x padding + 1 along that axis (the halo), zeros beyond the edges as its padding."""
+                                step: int) -> torch.Tensor:
+    """``conv(cat((up(x), skip), 1))`` ``step`` output planes at a time along the first spatial axis:
+    ``up`` has kernel = stride (an upsampled plane p comes from plane p // stride of ``x``), ``conv``
+    stride 1 and a kernel of 2 x padding + 1 along that axis (the halo), zeros beyond the edges as its
+    padding."""
     n, cs, depth, h, w = skip.shape
     cu, s, halo = up.out_channels, up.stride[0], conv.padding[0]
     fmt = torch.channels_last_3d if skip.is_contiguous(memory_format=torch.channels_last_3d) \
         and not skip.is_contiguous() else torch.contiguous_format
     out = torch.empty((n, conv.out_channels, depth, h, w), dtype=skip.dtype, device=skip.device, memory_format=fmt)
-    step = max(1, slab_bytes // ((cu + cs) * n * h * w * skip.element_size()))
     for a in range(0, depth, step):
         b = min(a + step, depth)
         lo, hi = max(a - halo, 0), min(b + halo, depth)
