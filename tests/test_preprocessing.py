@@ -122,6 +122,48 @@ def test_preprocess_is_exact_at_native_spacing():
     np.testing.assert_array_equal(revert_labels(s, props), seg)
 
 
+@pytest.mark.parametrize("spacing,target", [((5.0, 0.8, 0.8), [3.0, 1.5, 1.5]), ((1.0, 0.8, 0.8), [1.5, 1.2, 0.9]),
+                                            ((3.0, 1.5, 1.5), [3.0, 1.5, 1.5])])
+def test_pointwise_normalisation_inside_resampling_is_bit_identical(monkeypatch, spacing, target):
+    """CT and window normalisations run chunk by chunk in the first resampling pass on the raw int16
+    view (flipped axes: negative strides): the same numbers as normalising the whole image first, and
+    never a full-size float copy; anisotropic (nearest along z), isotropic and unresampled cases."""
+    import suprem_net.preprocessing.case as case_mod
+    import suprem_net.preprocessing.resampling as res_mod
+
+    monkeypatch.setattr(res_mod, "CHUNK_BYTES", 1024)  # many chunks
+    rng = np.random.default_rng(2)
+    geo = Geometry(shape=(14, 40, 36), spacing=spacing, origin=(0, 0, 0), direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    img = rng.integers(-1024, 1500, geo.shape).astype(np.int16)
+    for scheme in ({"scheme": "ct", "clip": [-200.0, 300.0], "mean": 50.0, "std": 100.0},
+                   {"scheme": "window", "window": [-175.0, 250.0], "range": [0.0, 1.0]}):
+        plan = _plan(orientation="RAS", target_spacing=target, normalization=[scheme])
+        sizes = []
+        real = case_mod._normalised
+        monkeypatch.setattr(case_mod, "_normalised", lambda d, s: sizes.append(d.size) or real(d, s))
+        fused, _, _ = preprocess_case([img], geo, plan)
+        monkeypatch.setattr(case_mod, "POINTWISE", ())  # the whole image normalised first
+        whole, _, _ = preprocess_case([img], geo, plan)
+        monkeypatch.undo()
+        monkeypatch.setattr(res_mod, "CHUNK_BYTES", 1024)
+        assert np.array_equal(fused, whole) and fused.dtype == np.float32
+        resampled = list(spacing) != target
+        assert (max(sizes[:-1]) < img.size and len(sizes) > 2) if resampled else sizes == [img.size, img.size]
+
+
+def test_stage_times_count_nested_stages_once():
+    import time
+
+    from suprem_net.timing import StageTimes
+
+    times = StageTimes()
+    with times("outer"):
+        time.sleep(0.02)
+        with times("inner"):
+            time.sleep(0.05)
+    assert times.seconds["inner"] >= 0.05 and 0.02 <= times.seconds["outer"] < 0.05
+
+
 def test_class_locations_sampled_per_class_and_capped():
     seg = np.zeros((20, 20, 20), np.uint8)
     seg[:10] = 1

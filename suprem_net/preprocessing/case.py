@@ -12,7 +12,7 @@ from suprem_net.io.image import Geometry
 from suprem_net.labels import LabelScheme
 from suprem_net.preprocessing import orientation as ori
 from suprem_net.preprocessing.body import BodyMask, is_ct
-from suprem_net.preprocessing.normalization import normalize
+from suprem_net.preprocessing.normalization import POINTWISE, normalize
 from suprem_net.preprocessing.resampling import resample_bitmask, resample_image, resample_labels, separate_z_axis
 from suprem_net.timing import NO_TIMES, StageTimes
 
@@ -52,8 +52,10 @@ def preprocess_case(images: list[np.ndarray], geometry: Geometry, plan: dict, se
                     times: StageTimes = NO_TIMES, body: bool = False):
     """Return ``(data (C,Z,Y,X) float32, seg (Z,Y,X) or None, properties)`` for one case.
 
-    ``images`` may have any numeric dtype and are never changed; reorientation and the crop are views,
-    so the one full-size copy before resampling is the normalised image. ``body``: also put the
+    ``images`` may have any numeric dtype and are never changed; reorientation and the crop are views.
+    Pointwise normalisations (``ct``, ``window``) run chunk by chunk inside the first resampling pass,
+    so no full-size float copy of the input is made (the same numbers as normalising first); z-score
+    (statistics of the whole image) normalises the whole image first. ``body``: also put the
     :class:`~suprem_net.preprocessing.body.BodyMask` of the first channel into ``properties["body"]``
     (for CT plans; ``None`` otherwise). ``times`` receives the stages reorient, crop, normalise, resample."""
     with times("reorient"):
@@ -71,13 +73,20 @@ def preprocess_case(images: list[np.ndarray], geometry: Geometry, plan: dict, se
         data = data[(slice(None),) + sl]
         seg = seg[sl] if seg is not None else None
         mask = BodyMask.of(images[0], transform, bbox) if body and is_ct(plan["normalization"]) else None
-    with times("normalise"):
-        data = _normalised(data, plan["normalization"])
+    schemes = plan["normalization"]
+
+    def normalised(rows: np.ndarray) -> np.ndarray:
+        with times("normalise"):
+            return _normalised(rows, schemes)
+
+    pointwise = all(s["scheme"] in POINTWISE for s in schemes)
+    if not pointwise:
+        data = normalised(data)
     with times("resample"):
         target = plan["target_spacing"]
         new_shape = resampled_shape(data.shape[1:], spacing, target)
         z_axis = separate_z_axis(spacing, target, plan["resampling"]["anisotropy_threshold"])
-        data = resample_image(data, new_shape, z_axis)
+        data = resample_image(data, new_shape, z_axis, prepare=normalised if pointwise else None)
         if seg is not None and LabelScheme.of(plan).multi_label:
             seg = resample_bitmask(seg, new_shape, z_axis, plan["num_classes"])
         elif seg is not None:

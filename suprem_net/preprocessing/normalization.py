@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+# schemes that normalise each voxel on its own (no statistics of the image): they may run chunk by chunk
+POINTWISE = ("ct", "window")
+
 
 def normalize(channel: np.ndarray, scheme: dict) -> np.ndarray:
     """The normalised channel as a new C-ordered float32 array (``channel`` is never changed; any

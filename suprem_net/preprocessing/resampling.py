@@ -11,6 +11,8 @@ each class bit is a binary mask interpolated the same way and thresholded at 0.5
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -28,21 +30,32 @@ def separate_z_axis(spacing, new_spacing, threshold: float = 3.0) -> int | None:
     return None
 
 
-def resize_axis(x: torch.Tensor, axis: int, size: int, mode: str, chunk_bytes: int = 32 << 20) -> torch.Tensor:
+CHUNK_BYTES = 32 << 20  # the pieces resize_axis works in: a small fraction of a CT
+
+
+def resize_axis(x, axis: int, size: int, mode: str, chunk_bytes: int | None = None, prepare=None) -> torch.Tensor:
     """Resize one spatial axis of ``x`` (N, Z, Y, X); ``mode`` is 'cubic', 'linear' or 'nearest'.
 
     The rows along ``axis`` are independent, so they are resized in chunks of about ``chunk_bytes``
-    into one new contiguous tensor: the only full-size array made is the result."""
-    if x.shape[1 + axis] == size:
+    (default :data:`CHUNK_BYTES`) into one new contiguous tensor: the only full-size array made is the
+    result. ``prepare`` turns each chunk of ``x`` into the float32 tensor to resize; ``x`` may then be
+    any array that slices like a tensor (e.g. a numpy view of an int16 image), and its prepared whole
+    is never made."""
+    if x.shape[1 + axis] == size and prepare is None:
         return x
     shape = list(x.shape)
     shape[1 + axis] = size
-    out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    if prepare is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty(shape, dtype=torch.float32)
     dim = 2 if axis == 0 else 1  # the outermost spatial axis that is not resized
-    step = max(1, chunk_bytes // max(1, x.numel() // x.shape[dim] * x.element_size()))
+    row_bytes = math.prod(x.shape) // x.shape[dim] * out.element_size()
+    step = max(1, (chunk_bytes or CHUNK_BYTES) // max(1, row_bytes))
     for a in range(0, x.shape[dim], step):
         n = min(step, x.shape[dim] - a)
-        out.narrow(dim, a, n).copy_(_resize_rows(x.narrow(dim, a, n), axis, size, mode))
+        rows = x[(slice(None),) * dim + (slice(a, a + n),)]
+        out.narrow(dim, a, n).copy_(_resize_rows(rows if prepare is None else prepare(rows), axis, size, mode))
     return out
 
 
@@ -58,19 +71,30 @@ def _resize_rows(x: torch.Tensor, axis: int, size: int, mode: str) -> torch.Tens
     return out.reshape(*lead, size).movedim(-1, 1 + axis)
 
 
-def resize(x: torch.Tensor, new_shape, mode: str, z_axis: int | None) -> torch.Tensor:
+def resize(x, new_shape, mode: str, z_axis: int | None, prepare=None) -> torch.Tensor:
+    """Resize ``x`` (N, Z, Y, X) to ``new_shape`` axis by axis; ``prepare``: see :func:`resize_axis`
+    (applied in the first pass)."""
     # shrink first along the axis that reduces the data most, to keep intermediates small
-    axes = sorted(range(3), key=lambda a: new_shape[a] / x.shape[1 + a])
+    axes = [a for a in sorted(range(3), key=lambda a: new_shape[a] / x.shape[1 + a]) if x.shape[1 + a] != new_shape[a]]
+    if prepare is not None and not axes:
+        return prepare(x)
     for a in axes:
-        x = resize_axis(x, a, int(new_shape[a]), "nearest" if a == z_axis else mode)
+        x = resize_axis(x, a, int(new_shape[a]), "nearest" if a == z_axis else mode, prepare=prepare)
+        prepare = None
     return x
 
 
-def resample_image(data: np.ndarray, new_shape, z_axis: int | None) -> np.ndarray:
-    """Resample ``data`` (C, Z, Y, X) to ``new_shape`` (Z, Y, X)."""
-    if tuple(data.shape[1:]) == tuple(new_shape):
-        return data.astype(np.float32, copy=False)
+def resample_image(data: np.ndarray, new_shape, z_axis: int | None, prepare=None) -> np.ndarray:
+    """Resample ``data`` (C, Z, Y, X) to ``new_shape`` (Z, Y, X), float32. ``prepare`` (a numpy chunk of
+    ``data`` -> its float32 values, e.g. a pointwise normalisation) runs chunk by chunk in the first
+    pass, so ``data`` may be the raw image (any dtype, any strides) and no full-size float copy of it
+    is made; the result is the same, bit for bit, as resampling ``prepare(data)``."""
     with torch.no_grad():
+        if prepare is not None:
+            out = resize(data, new_shape, "cubic", z_axis, prepare=lambda rows: torch.from_numpy(prepare(rows)))
+            return out.numpy()
+        if tuple(data.shape[1:]) == tuple(new_shape):
+            return data.astype(np.float32, copy=False)
         out = resize(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), new_shape, "cubic", z_axis)
     return out.numpy()
 
