@@ -189,7 +189,7 @@ def predict(input: PathLike, output: PathLike, *, model: PathLike | None = None,
             layout: str = "flat", output_type: str = "image", statistics: bool = False,
             save_probabilities: bool = False, preview: bool = False, overwrite: bool = False,
             backend: str = "auto", skip_air: bool = True, compile: bool = False, threads: int | None = None,
-            profile: bool = False) -> dict:
+            profile: bool = False, progress: bool = True) -> dict:
     """Segment an image, a folder of images or case folders, or a DICOM series with one model source:
     a model folder (``model``, or ``dataset`` + ``plans_name`` in ``results``), a predictor bundle
     written by :func:`export_model` (``model``; run by onnxruntime), an nnU-Net v2 results folder
@@ -197,6 +197,7 @@ def predict(input: PathLike, output: PathLike, *, model: PathLike | None = None,
     outputs exist are skipped unless ``overwrite``. ``backend``: ``auto`` runs bundles with onnxruntime and
     everything else with torch. ``skip_air``: leave out tiles of a CT that hold only air
     (:mod:`suprem_net.preprocessing.body`). ``threads``: CPU threads (default: torch's, one per core).
+    ``progress``: a bar of the tiles done, on a terminal, for a case that takes over a few seconds.
     Returns ``{"cases", "skipped", "written"}``, with ``profile`` also ``"stages"``: seconds per stage
     (read, reorient, crop, normalise, resample, tiles, network, accumulation, revert, write, ...) summed over
     the cases."""
@@ -214,7 +215,7 @@ def predict(input: PathLike, output: PathLike, *, model: PathLike | None = None,
     tta = not pretrained if tta is None else tta
     times = StageTimes() if profile else NO_TIMES
     options = dict(device=device, tta=tta, step_size=step_size, tile_batch_size=tile_batch_size, precision=precision,
-                   skip_air=skip_air, compile=compile, times=times)
+                   skip_air=skip_air, compile=compile, times=times, progress=progress)
     plan, make_predictor = _model_source(model, dataset, nnunet_model, pretrained, plans_name, results, folds,
                                          checkpoint, lcc, backend, options)
     cases = discover_cases(Path(input), num_channels=len(plan["channel_names"]))

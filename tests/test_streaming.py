@@ -238,3 +238,34 @@ def test_release_images_frees_the_input_before_the_network():
     released, _ = pred.predict_case(images, geo, release_images=True)
     assert images == [] and seen and set(seen) == {0}  # emptied before the first tile
     assert np.array_equal(kept, released)
+
+
+def test_tile_progress_bar_counts_the_tiles_run(monkeypatch):
+    """``progress``: a bar over the tiles actually run (air tiles left out), shown on a terminal only;
+    none without it."""
+    import suprem_net.inference.sliding_window as sw_mod
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, disable, **kwargs):
+            self.total, self.disable, self.done = total, disable, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.done += n
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(sw_mod, "tqdm", Bar)
+    ct, geo, plan = _small_ct_and_plan()
+    for progress in (True, False):
+        pred = Predictor(plan, [_Smooth()], device="cpu", tta=False, channels_last=False, progress=progress)
+        pred.predict_case([ct], geo)
+        bar = bars[-1]
+        assert bar.total == pred.window.tiles_run == bar.done > 1
+        assert bar.disable is (None if progress else True)

@@ -6,6 +6,7 @@ import argparse
 from suprem_net import api
 from suprem_net.cli._common import setup_logging, user_errors_exit_2
 from suprem_net.inference.outputs import LAYOUTS, OUTPUT_TYPES
+from suprem_net.inference.sliding_window import PROGRESS_DELAY_S
 from suprem_net.plan import DEFAULT_PLANS_NAME
 from suprem_net.weights.registry import zero_shot_names
 
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
     p.add_argument("--profile", action="store_true",
                    help="print the seconds spent per stage (read, reorient, ..., network, accumulation, revert, write)")
+    p.add_argument("--no-progress-bar", action="store_true",
+                   help=f"no bar of the tiles done (shown on a terminal for a case that takes over {PROGRESS_DELAY_S:g} s)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -89,7 +92,7 @@ def main(argv=None) -> int:
         step_size=args.step_size, tile_batch_size=args.tile_batch_size, lcc=args.lcc, layout=args.output_layout,
         output_type=args.output_type, statistics=args.statistics, save_probabilities=args.save_probabilities,
         preview=args.preview, overwrite=args.overwrite, backend=args.backend, skip_air=args.skip_air,
-        compile=args.compile, threads=args.threads, profile=args.profile)
+        compile=args.compile, threads=args.threads, profile=args.profile, progress=not args.no_progress_bar)
     print(f"{result['cases']} case(s): {result['skipped']} already done, wrote {len(result['written'])} to "
           f"{args.output}")
     if args.profile:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +44,8 @@ from suprem_net.io.checkpoint import load_checkpoint_file, strip_wrapper_prefixe
 from suprem_net.io.image import Geometry
 from suprem_net.labels import BITMASK, LabelScheme
 from suprem_net.networks import FAMILY_NAMES, build_network, get_family
-from suprem_net.networks.speed import (PREDICTION_HEAP_LIMIT, compiled, keep_freed_memory, return_free_memory,
-                                       to_channels_last)
+from suprem_net.networks.speed import (PREDICTION_FREE_HEAP, PREDICTION_HEAP_LIMIT, compiled, keep_freed_memory,
+                                       return_free_memory, to_channels_last)
 from suprem_net.preprocessing.case import preprocess_case
 from suprem_net.timing import NO_TIMES, StageTimes
 
@@ -144,7 +145,7 @@ class Predictor:
                  precision: str = "auto", lcc_classes: Sequence[int] = (),
                  preprocess: Callable | None = None, skip_air: bool = True, channels_last: bool | None = None,
                  compile: bool = False, accumulation: torch.dtype | None = None,
-                 times: StageTimes = NO_TIMES) -> None:
+                 times: StageTimes = NO_TIMES, progress: bool = False) -> None:
         self.plan = plan
         # preprocess(images, geometry, plan, times=, body=) -> (data, seg, props); nnU-Net models bring their own
         self.preprocess = preprocess or preprocess_case
@@ -159,13 +160,16 @@ class Predictor:
         exported = any(getattr(m, "exported", False) for m in models)
         if channels_last is None:
             channels_last = self.device.type == "cpu" and not exported and _channels_last(plan)
-        if self.device.type == "cpu" and not exported:
+        # on the CPU freed blocks up to PREDICTION_HEAP_LIMIT are reused, and the heap's free pages go back
+        # to the system after loading and after any forward that leaves more than PREDICTION_FREE_HEAP free
+        own_heap = self.device.type == "cpu" and not exported
+        if own_heap:
             keep_freed_memory(PREDICTION_HEAP_LIMIT)
         # models are put in eval mode only while predicting (a trainer's model keeps its state)
         self.models = [m if exported else m.to(self.device) for m in models]
         if not exported and (channels_last or compile or plan.get("source") == "nnunetv2"):
             self.models = [prepare_for_inference(m, channels_last, compile) for m in self.models]
-        if self.device.type == "cpu" and not exported:
+        if own_heap:
             return_free_memory()  # the checkpoints' and the contiguous weights' copies
         independent = batch_independent(plan)
         if tile_batch_size is None:
@@ -183,7 +187,9 @@ class Predictor:
                                     autocast_dtype=PRECISIONS[precision], accumulation=accumulation,
                                     background=None if plan.get("label_encoding") == BITMASK else 0,
                                     memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format,
-                                    times=times)
+                                    times=times, progress=progress,
+                                    after_forward=partial(return_free_memory, PREDICTION_FREE_HEAP) if own_heap
+                                    else None)
 
     # -- construction -------------------------------------------------------------------
     @classmethod

@@ -25,6 +25,10 @@
   keep ~2 digits). On CPU in float32, or float16 if the buffer would not fit comfortably in RAM;
   ``accumulation_dtype`` overrides the choice. If the device runs out of memory for the buffer,
   accumulation moves to the CPU.
+* ``after_forward`` runs after each batch's logits are added (the CPU predictor gives the heap's
+  free pages back there, see :class:`~suprem_net.inference.predictor.Predictor`).
+* Progress: with ``progress``, a tqdm bar of the tiles done, shown on a terminal once a case has
+  taken ``PROGRESS_DELAY_S`` (a 96^3 U-Net case on a laptop CPU runs for half an hour).
 """
 from __future__ import annotations
 
@@ -37,10 +41,13 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from suprem_net.timing import NO_TIMES, StageTimes
 
 logger = logging.getLogger(__name__)
+
+PROGRESS_DELAY_S = 5.0  # the tile bar shows only for cases that take longer (on a terminal)
 
 
 def compute_steps(image_size: Sequence[int], patch_size: Sequence[int], step_size: float) -> list[list[int]]:
@@ -140,7 +147,8 @@ class SlidingWindow:
                  batch_independent: bool = True, device: torch.device | str = "cpu",
                  autocast_dtype: torch.dtype | None = None, accumulation: torch.dtype | None = None,
                  background: int | None = 0, memory_format: torch.memory_format = torch.contiguous_format,
-                 times: StageTimes = NO_TIMES) -> None:
+                 times: StageTimes = NO_TIMES, progress: bool = False,
+                 after_forward: Callable[[], object] | None = None) -> None:
         self.patch_size = [int(p) for p in patch_size]
         self.num_classes = int(num_classes)
         self.step_size = float(step_size)
@@ -152,6 +160,8 @@ class SlidingWindow:
         self.accumulation = accumulation
         self.memory_format = memory_format
         self.times = times
+        self.progress = progress
+        self.after_forward = after_forward
         self._gauss = gaussian_weights(self.patch_size, device=self.device)
         fill = torch.full((self.num_classes,), EMPTY_LOGIT)
         if background is not None:
@@ -292,16 +302,23 @@ class SlidingWindow:
             if not _is_oom(e):
                 raise
             src = data
-        for batch in batches:
-            yield from self._release(sums, batch[0][0], keep)
-            with self.times("tiles"):
-                tiles = torch.stack([src[(slice(None),) + tuple(slice(s, s + p) for s, p in zip(st, self.patch_size))]
-                                     for st in batch]).to(self.device)
-            out = self._forward(nets, tiles)
-            with self.times("accumulation"):
-                out = (out * self._gauss).to(acc_dev)
-                for j, st in enumerate(batch):
-                    sums.add(st, out[j], gauss_acc)
+        with tqdm(total=self.tiles_run, desc="tiles", unit="tile", leave=False, delay=PROGRESS_DELAY_S,
+                  disable=None if self.progress else True) as bar:
+            for batch in batches:
+                yield from self._release(sums, batch[0][0], keep)
+                with self.times("tiles"):
+                    tiles = torch.stack([src[(slice(None),) + tuple(slice(s, s + p) for s, p in
+                                                                    zip(st, self.patch_size))]
+                                         for st in batch]).to(self.device)
+                out = self._forward(nets, tiles)
+                with self.times("accumulation"):
+                    out = (out * self._gauss).to(acc_dev)
+                    for j, st in enumerate(batch):
+                        sums.add(st, out[j], gauss_acc)
+                del out
+                if self.after_forward is not None:
+                    self.after_forward()
+                bar.update(len(batch))
         yield from self._release(sums, shape[0], keep)
 
     def _release(self, sums: _Sums, upto: int, keep: tuple[slice, ...]) -> Iterator[tuple[int, torch.Tensor]]:

@@ -12,7 +12,8 @@ decide which to use.
 * **freed memory kept for reuse** (glibc): otherwise large freed blocks go back to the kernel and
   the next step's activations are fresh pages that the kernel zero-fills one fault at a time
   (prediction keeps only blocks up to :data:`PREDICTION_HEAP_LIMIT`, so that its resident size follows
-  the large tensors alive rather than their high-water mark);
+  the large tensors alive rather than their high-water mark, and between forwards lets at most
+  :data:`PREDICTION_FREE_HEAP` of freed heap stay resident);
 * **torch.compile** (inductor): fuses the norms and non-linearities around the convolutions.
 """
 from __future__ import annotations
@@ -85,6 +86,9 @@ GLIBC_DEFAULT_THRESHOLD = 128 * 1024  # glibc's initial trim and mmap thresholds
 # prediction: blocks up to this size are kept for reuse, larger ones returned when freed (32 MiB keeps
 # the small nnU-Net model's tiles as fast as keeping everything; docs/benchmarks.md)
 PREDICTION_HEAP_LIMIT = 32 << 20
+# ... and between forwards, a heap with more free bytes than this gives its free pages back (the 96^3
+# U-Net's heap fragments grew to ~440 MiB free; the small nnU-Net model reuses its ~200 MiB each forward)
+PREDICTION_FREE_HEAP = 256 << 20
 _kept = False  # whether this process keeps freed memory (set_freed_memory_kept)
 
 
@@ -127,11 +131,34 @@ def set_freed_memory_kept(on: bool, largest: int = 1 << 30) -> bool:
     return _kept
 
 
-def return_free_memory() -> bool:
+def return_free_memory(above: int = 0) -> bool:
     """Give the heap's free pages back to the system now (glibc's ``malloc_trim``), e.g. after loading
-    a model, whose checkpoint copies are freed; returns whether any were (False off glibc)."""
+    a model, whose checkpoint copies are freed, if more than ``above`` bytes of the heap are free
+    (glibc >= 2.33 says how many; older ones trim whenever asked); returns whether any were (False off
+    glibc)."""
     trim = _glibc("malloc_trim")
-    return bool(trim(0)) if trim is not None else False
+    if trim is None:
+        return False
+    if above:
+        free = heap_free_bytes()
+        if free is not None and free <= above:
+            return False
+    return bool(trim(0))
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def heap_free_bytes() -> int | None:
+    """The bytes free in glibc's heap (all arenas; ``mallinfo2``), or None where it is not available."""
+    info = _glibc("mallinfo2")
+    if info is None:
+        return None
+    info.restype = _MallInfo2
+    return int(info().fordblks)
 
 
 def freed_memory_is_kept() -> bool:
