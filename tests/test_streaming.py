@@ -269,3 +269,24 @@ def test_tile_progress_bar_counts_the_tiles_run(monkeypatch):
         bar = bars[-1]
         assert bar.total == pred.window.tiles_run == bar.done > 1
         assert bar.disable is (None if progress else True)
+
+
+def test_heap_goes_back_after_forwards_only_above_the_bound(monkeypatch):
+    """The CPU predictor calls ``return_free_memory(PREDICTION_FREE_HEAP)`` after every tile batch; it
+    trims only when more than the bound is free (where glibc says how much is)."""
+    import suprem_net.networks.speed as speed
+
+    calls = []
+    ct, geo, plan = _small_ct_and_plan()
+    pred = Predictor(plan, [_Smooth()], device="cpu", tta=False, channels_last=False, tile_batch_size=1)
+    monkeypatch.setattr(pred.window, "after_forward", lambda: calls.append(1))
+    pred.predict_case([ct], geo)
+    assert len(calls) == pred.window.tiles_run > 1
+    assert Predictor(plan, [_Smooth()], device="cpu").window.after_forward.args == (speed.PREDICTION_FREE_HEAP,)
+
+    trims = []
+    monkeypatch.setattr(speed, "_glibc", lambda name: (lambda *a: trims.append(a) or 1))
+    for free, bound, trimmed in ((10, 100, False), (200, 100, True), (None, 100, True), (10, 0, True)):
+        monkeypatch.setattr(speed, "heap_free_bytes", lambda: free)
+        trims.clear()
+        assert speed.return_free_memory(bound) is trimmed and len(trims) == trimmed
