@@ -30,7 +30,10 @@ def ensure_nnunet_env() -> Path:
 
 
 def run_measured(cmd: list[str], env: dict | None = None, poll: float = 0.05, cwd: Path | None = None) -> dict:
-    """Run ``cmd`` (in ``cwd``); return wall seconds and the peak summed RSS of the process and its children."""
+    """Run ``cmd`` (in ``cwd``); return wall seconds and the peak RSS: the larger of the summed RSS of the
+    process and its children, sampled every ``poll`` s, and the largest high-water mark of one of them
+    (the kernel's VmHWM, which a sample cannot miss; not ``wait4``'s maximum, which counts the memory
+    of this process at the fork)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=cwd)
@@ -43,6 +46,7 @@ def run_measured(cmd: list[str], env: dict | None = None, poll: float = 0.05, cw
             for p in procs:
                 try:
                     rss += p.memory_info().rss
+                    peak = max(peak, _high_water_mark(p.pid))
                 except psutil.Error:
                     pass
             peak = max(peak, rss)
@@ -54,6 +58,18 @@ def run_measured(cmd: list[str], env: dict | None = None, poll: float = 0.05, cw
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-3000:]}")
     return {"wall_s": wall, "peak_rss_bytes": peak, "output": out}
+
+
+def _high_water_mark(pid: int) -> int:
+    """Peak resident bytes of process ``pid`` so far (0 where /proc does not say)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def folder_bytes(folder: Path) -> int:

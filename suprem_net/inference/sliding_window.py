@@ -28,7 +28,7 @@
 * ``after_forward`` runs after each batch's logits are added (the CPU predictor gives the heap's
   free pages back there, see :class:`~suprem_net.inference.predictor.Predictor`).
 * Progress: with ``progress``, a tqdm bar of the tiles done, shown on a terminal once a case has
-  taken ``PROGRESS_DELAY_S`` (a 96^3 U-Net case on a laptop CPU runs for half an hour).
+  taken ``PROGRESS_DELAY_S`` (a 96^3 U-Net case runs for half an hour on two CPU cores).
 """
 from __future__ import annotations
 
