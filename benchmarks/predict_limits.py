@@ -450,7 +450,8 @@ def render(parts: dict) -> str:
     if mem:
         out += ["Memory, ct500 (512 x 512 x 500 int16, 7 classes), one process:", "",
                 _row("run", "wall s", "peak RSS MiB"), _row("---", "---:", "---:")]
-        out += [_row(k, f"{r['wall_s']:.1f}", f"{r['peak_rss_mib']:.0f}") for k, r in mem.items() if isinstance(r, dict)]
+        out += [_row(k, f"{r['wall_s']:.1f}", f"{r['peak_rss_mib']:.0f}")
+                for k, r in mem.items() if isinstance(r, dict)]
         out.append("")
     missing = [k for k in PARTS if not parts.get(k)]
     if missing:
