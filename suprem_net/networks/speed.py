@@ -86,8 +86,9 @@ GLIBC_DEFAULT_THRESHOLD = 128 * 1024  # glibc's initial trim and mmap thresholds
 # prediction: blocks up to this size are kept for reuse, larger ones returned when freed (32 MiB keeps
 # the small nnU-Net model's tiles as fast as keeping everything; docs/benchmarks.md)
 PREDICTION_HEAP_LIMIT = 32 << 20
-# ... and between forwards, a heap with more free bytes than this gives its free pages back (the 96^3
-# U-Net's heap fragments grew to ~440 MiB free; the small nnU-Net model reuses its ~200 MiB each forward)
+# ... and between forwards, a heap with more free bytes than this gives its free pages back: above what
+# the small nnU-Net model reuses from one forward to the next, below the fragments that a 96^3 U-Net's
+# forwards pile up (docs/benchmarks.md, "Prediction at the machine's limit")
 PREDICTION_FREE_HEAP = 256 << 20
 _kept = False  # whether this process keeps freed memory (set_freed_memory_kept)
 
