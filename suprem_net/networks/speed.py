@@ -19,6 +19,7 @@ decide which to use.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import sys
 
@@ -93,6 +94,7 @@ PREDICTION_FREE_HEAP = 256 << 20
 _kept = False  # whether this process keeps freed memory (set_freed_memory_kept)
 
 
+@functools.cache  # looked up once: the predictor asks between every two forwards
 def _glibc(function: str):
     """``function`` of glibc, or None off Linux or with another C library (e.g. musl)."""
     if not sys.platform.startswith("linux"):
